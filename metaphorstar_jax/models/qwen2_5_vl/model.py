@@ -1,0 +1,111 @@
+"""Qwen2.5-VL for conditional generation: ViT features scattered into the decoder's embeddings.
+
+Shape letters: B batch, T tokens, D width, V vocab, S patches, P patch length, N images, C features.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from metaphorstar_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from metaphorstar_jax.models.qwen2_5_vl.positions import rope_index
+from metaphorstar_jax.models.qwen2_5_vl.text import TextModel
+from metaphorstar_jax.models.qwen2_5_vl.vision import VisionTower
+
+
+def _is_concrete(x) -> bool:
+  return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def scatter_image_features(embeds_BTD, input_ids_BT, features_CD, image_token_id):
+  """Replaces the embeddings at image-pad tokens by image features, in batch-row-major order."""
+  is_image_BT = input_ids_BT == image_token_id
+  feature_index_BT = jnp.cumsum(is_image_BT.reshape(-1)).reshape(is_image_BT.shape) - 1
+  feature_index_BT = jnp.clip(feature_index_BT, 0, features_CD.shape[0] - 1)
+  gathered_BTD = features_CD.astype(embeds_BTD.dtype)[feature_index_BT]
+  return jnp.where(is_image_BT[..., None], gathered_BTD, embeds_BTD)
+
+
+def check_image_tokens(input_ids_BT, image_grid_thw_N3, merge_size: int, image_token_id: int):
+  """Raises when the prompt's image-pad count disagrees with the images' feature count."""
+  if not (_is_concrete(input_ids_BT) and _is_concrete(image_grid_thw_N3)):
+    return  # traced: shapes were fixed by the caller, nothing to check here
+  grid = np.asarray(image_grid_thw_N3).reshape(-1, 3)
+  expected = int((grid.prod(axis=1) // merge_size ** 2).sum())
+  found = int((np.asarray(input_ids_BT) == image_token_id).sum())
+  if found != expected:
+    raise ValueError(
+        f"The prompt holds {found} image-pad tokens (id {image_token_id}) but the "
+        f"{grid.shape[0]} image(s) with grids {grid.tolist()} give {expected} features. Expand "
+        "each image into t·h·w/merge² pad tokens with the processor, and do not truncate through "
+        "an image.")
+
+
+class Qwen2_5_VL(nnx.Module):
+  """The model. Call it with token ids (and images) to get logits (B, T, V)."""
+
+  def __init__(self, config: Qwen2_5_VLConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    kw = dict(dtype=config.compute_dtype, param_dtype=config.weights_dtype, remat=config.remat,
+              rngs=rngs)
+    self.visual = VisionTower(config.vision, **kw)
+    self.language_model = TextModel(config.text, **kw)
+    if not config.tie_word_embeddings:
+      self.lm_head = nnx.Linear(config.text.hidden_size, config.text.vocab_size, use_bias=False,
+                                dtype=config.compute_dtype, param_dtype=config.weights_dtype,
+                                rngs=rngs)
+
+  def position_ids(self, input_ids_BT, attention_mask_BT=None, image_grid_thw_N3=None):
+    """3-D M-RoPE ids (3, B, T) and rope deltas (B,), see `positions.rope_index`."""
+    return rope_index(input_ids_BT, attention_mask_BT, image_grid_thw_N3,
+                      image_token_id=self.config.image_token_id,
+                      merge_size=self.config.vision.spatial_merge_size)
+
+  def embed(self, input_ids_BT, pixel_values_SP=None, image_grid_thw_N3=None, vision_layout=None):
+    """Token embeddings with image features in place of the image-pad tokens: (B, T, D)."""
+    embeds_BTD = self.language_model.embed_tokens(input_ids_BT)
+    if pixel_values_SP is None or pixel_values_SP.shape[0] == 0:
+      return embeds_BTD
+    check_image_tokens(input_ids_BT, image_grid_thw_N3, self.config.vision.spatial_merge_size,
+                       self.config.image_token_id)
+    features_CD = self.visual(pixel_values_SP, image_grid_thw_N3, layout=vision_layout)
+    return scatter_image_features(embeds_BTD, input_ids_BT, features_CD,
+                                  self.config.image_token_id)
+
+  def hidden_states(self, input_ids_BT, attention_mask_BT=None, pixel_values_SP=None,
+                    image_grid_thw_N3=None, position_ids_3BT=None, vision_layout=None):
+    """Final-normed decoder states (B, T, D) for a full (non-cached) forward pass."""
+    B, T = input_ids_BT.shape
+    if attention_mask_BT is None:
+      attention_mask_BT = jnp.ones((B, T), jnp.int32)
+    if position_ids_3BT is None:
+      position_ids_3BT, _ = self.position_ids(input_ids_BT, attention_mask_BT, image_grid_thw_N3)
+    x_BTD = self.embed(input_ids_BT, pixel_values_SP, image_grid_thw_N3, vision_layout)
+    causal_TT = jnp.tril(jnp.ones((T, T), bool))
+    mask_BTS = causal_TT[None] & (jnp.asarray(attention_mask_BT) > 0)[:, None, :]
+    return self.language_model(x_BTD, position_ids_3BT, mask_BTS)
+
+  def logits(self, hidden_BTD):
+    """LM head over hidden states: (..., V)."""
+    if self.config.tie_word_embeddings:
+      return self.language_model.embed_tokens.attend(hidden_BTD)
+    return self.lm_head(hidden_BTD)
+
+  def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+               position_ids=None, vision_layout=None):
+    """Logits (B, T, V).
+
+    Args:
+      input_ids: (B, T) token ids, image pads already expanded by the processor.
+      attention_mask: (B, T), 1 for real tokens; left or right padding.
+      pixel_values: (S, P) patches of all images in the batch, in order of appearance.
+      image_grid_thw: (N, 3) one (t, h, w) per image.
+      position_ids: optional (3, B, T) M-RoPE ids; computed from the inputs when absent.
+      vision_layout: optional precomputed `positions.VisionLayout` for the images.
+    """
+    hidden_BTD = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                    position_ids, vision_layout)
+    return self.logits(hidden_BTD)

@@ -1,0 +1,94 @@
+"""The Qwen2 decoder of Qwen2.5-VL: GQA with q/k/v biases, RMSNorm, SwiGLU, M-RoPE.
+
+Shape letters: B batch, T tokens, D width, N query heads, K kv heads, H head dim, F = H / 2.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from metaphorstar_jax.models.qwen2_5_vl import layers
+from metaphorstar_jax.models.qwen2_5_vl.config import TextConfig
+
+
+def mrope_cos_sin(position_ids_3BT, cfg: TextConfig, dtype):
+  """cos/sin (B, T, H) of M-RoPE: frequency slots split contiguously over the t, h, w axes.
+
+  Computed in fp32, then cast to the activation dtype as transformers does.
+  """
+  inv_freq_F = layers.inverse_frequencies(cfg.head_dim, cfg.rope_theta)
+  angles_3BTF = position_ids_3BT.astype(jnp.float32)[..., None] * inv_freq_F
+  bounds = [0]
+  for size in cfg.mrope_section:
+    bounds.append(bounds[-1] + size)
+  angles_BTF = jnp.concatenate(
+      [angles_3BTF[axis, ..., lo:hi] for axis, (lo, hi) in enumerate(zip(bounds, bounds[1:]))],
+      axis=-1)
+  emb_BTH = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)
+  return jnp.cos(emb_BTH).astype(dtype), jnp.sin(emb_BTH).astype(dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    H = cfg.head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_attention_heads,
+                                                        cfg.num_key_value_heads, H)
+    self.q_proj = nnx.Linear(cfg.hidden_size, cfg.num_attention_heads * H, use_bias=True, **kw)
+    self.k_proj = nnx.Linear(cfg.hidden_size, cfg.num_key_value_heads * H, use_bias=True, **kw)
+    self.v_proj = nnx.Linear(cfg.hidden_size, cfg.num_key_value_heads * H, use_bias=True, **kw)
+    self.o_proj = nnx.Linear(cfg.num_attention_heads * H, cfg.hidden_size, use_bias=False, **kw)
+
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS):
+    B, T, _ = x_BTD.shape
+    q_BTNH = self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim)
+    k_BTKH = self.k_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
+    v_BTKH = self.v_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
+    cos, sin = cos_BTH[:, :, None], sin_BTH[:, :, None]
+    q_BTNH = layers.apply_rotary(q_BTNH, cos, sin).astype(q_BTNH.dtype)
+    k_BTKH = layers.apply_rotary(k_BTKH, cos, sin).astype(k_BTKH.dtype)
+    out_BTNH = layers.attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
+    return self.o_proj(out_BTNH.reshape(B, T, -1))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                          param_dtype=param_dtype)
+    self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                                   param_dtype=param_dtype)
+    self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
+                             use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS):
+    x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS)
+    return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+
+
+class TextModel(nnx.Module):
+  """Embedding, decoder layers and final norm; the LM head lives on the top-level model."""
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, remat: bool = False,
+               rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat = remat
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                            for _ in range(cfg.num_hidden_layers)])
+    self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+
+  def __call__(self, x_BTD, position_ids_3BT, mask_BTS):
+    """Runs the decoder over input embeddings; returns the final-normed hidden states (B, T, D)."""
+    cos_BTH, sin_BTH = mrope_cos_sin(position_ids_3BT, self.cfg, x_BTD.dtype)
+    for layer in self.layers:
+      if self.remat:
+        x_BTD = nnx.remat(lambda l, *a: l(*a))(layer, x_BTD, cos_BTH, sin_BTH, mask_BTS)
+      else:
+        x_BTD = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS)
+    return self.norm(x_BTD)

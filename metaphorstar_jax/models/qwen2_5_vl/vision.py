@@ -1,0 +1,118 @@
+"""The Qwen2.5-VL vision tower: patch embedding, 2-D rotary, window/full attention blocks, merger.
+
+Shape letters: S patches (rows of pixel_values), C merged cells (S / U), U patches per cell (merge²),
+P flattened patch length (C·Tp·14·14 = 1176), D vision width, E output width, N heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from metaphorstar_jax.models.qwen2_5_vl import layers
+from metaphorstar_jax.models.qwen2_5_vl.config import VisionConfig
+from metaphorstar_jax.models.qwen2_5_vl.positions import VisionLayout, vision_layout
+
+
+class VisionAttention(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.num_heads = cfg.num_heads
+    self.qkv = nnx.Linear(cfg.hidden_size, 3 * cfg.hidden_size, **kw)
+    self.proj = nnx.Linear(cfg.hidden_size, cfg.hidden_size, **kw)
+
+  def __call__(self, x_SD, cos_SH, sin_SH, mask_SS):
+    S, D = x_SD.shape
+    qkv = self.qkv(x_SD).reshape(S, 3, self.num_heads, D // self.num_heads)
+    q_SNH, k_SNH, v_SNH = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    # The vision rotary runs in fp32 and casts back, unlike the decoder's.
+    rotate = lambda t: layers.apply_rotary(t.astype(jnp.float32), cos_SH[:, None],
+                                           sin_SH[:, None]).astype(t.dtype)
+    out_SNH = layers.attend(rotate(q_SNH)[None], rotate(k_SNH)[None], v_SNH[None],
+                            mask_SS[None])[0]
+    return self.proj(out_SNH.reshape(S, D))
+
+
+class VisionBlock(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.norm1 = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.norm2 = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
+                             use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_SD, cos_SH, sin_SH, mask_SS):
+    x_SD = x_SD + self.attn(self.norm1(x_SD), cos_SH, sin_SH, mask_SS)
+    return x_SD + self.mlp(self.norm2(x_SD))
+
+
+class PatchMerger(nnx.Module):
+  """RMSNorm, then each 2×2 block of patches concatenated and mapped by a GELU MLP to the LM width."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    merged = cfg.hidden_size * cfg.spatial_merge_size ** 2
+    self.ln_q = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.mlp_in = nnx.Linear(merged, merged, **kw)
+    self.mlp_out = nnx.Linear(merged, cfg.out_hidden_size, **kw)
+
+  def __call__(self, x_SD):
+    x_CUD = self.ln_q(x_SD)
+    x_C_UD = x_CUD.reshape(-1, self.mlp_in.in_features)
+    return self.mlp_out(jax.nn.gelu(self.mlp_in(x_C_UD), approximate=False))
+
+
+class VisionTower(nnx.Module):
+  """pixel_values (S, P) of any number of images → merged features (C, E) in raster order."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool = False,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat = remat
+    # Conv3d with stride == kernel is exactly a matmul over flattened (c, t, row, col) patches.
+    self.patch_embed = nnx.Linear(cfg.patch_dim, cfg.hidden_size, use_bias=False, **kw)
+    self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+    self.merger = PatchMerger(cfg, **kw)
+
+  def layout(self, image_grid_thw_N3, num_patches: int) -> VisionLayout:
+    cfg = self.cfg
+    return vision_layout(image_grid_thw_N3, num_patches, merge_size=cfg.spatial_merge_size,
+                         window_cells=cfg.window_size // cfg.spatial_merge_size // cfg.patch_size)
+
+  def __call__(self, pixel_values_SP, image_grid_thw_N3=None, *, layout: VisionLayout | None = None):
+    """Encodes packed patches. Pass either the grids or a precomputed `layout`.
+
+    Returns:
+      features_CE in the images' raster order, concatenated over images.
+    """
+    cfg = self.cfg
+    S = pixel_values_SP.shape[0]
+    if layout is None:
+      if image_grid_thw_N3 is None:
+        raise ValueError("VisionTower needs image_grid_thw (or a precomputed layout).")
+      layout = self.layout(image_grid_thw_N3, S)
+    unit = cfg.spatial_merge_size ** 2
+    x_SD = self.patch_embed(pixel_values_SP.astype(self.patch_embed.kernel[...].dtype))
+    x_SD = x_SD.reshape(S // unit, unit, -1)[layout.window_index_C].reshape(S, -1)
+
+    inv_freq = layers.inverse_frequencies(cfg.head_dim // 2, cfg.rope_theta)
+    angles_SF = jnp.concatenate([layout.rope_rows_S[:, None] * inv_freq,
+                                 layout.rope_cols_S[:, None] * inv_freq], axis=-1)
+    emb_SH = jnp.concatenate([angles_SF, angles_SF], axis=-1)
+    cos_SH, sin_SH = jnp.cos(emb_SH), jnp.sin(emb_SH)
+
+    window_mask = layout.window_segments_S[:, None] == layout.window_segments_S[None, :]
+    frame_mask = layout.frame_segments_S[:, None] == layout.frame_segments_S[None, :]
+    full_blocks = set(cfg.fullatt_block_indexes)
+    for i, block in enumerate(self.blocks):
+      mask = frame_mask if i in full_blocks else window_mask
+      if self.remat:
+        x_SD = nnx.remat(lambda b, *a: b(*a))(block, x_SD, cos_SH, sin_SH, mask)
+      else:
+        x_SD = block(x_SD, cos_SH, sin_SH, mask)
+    return self.merger(x_SD)[layout.reverse_index_C]

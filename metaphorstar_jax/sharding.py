@@ -1,0 +1,96 @@
+"""Device mesh and parameter partitioning, as data: (regex on parameter path, partition spec) rules.
+
+The mesh has three named axes: `data` (batch), `fsdp` (batch and parameter shards) and `tensor`
+(Megatron-style splits of heads and MLP width). The same rules serve every model size; a dimension
+that an axis does not divide is replicated along it instead, and the reason is logged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Kernels are (in, out). Column-parallel layers split `out` over tensor; row-parallel split `in`.
+# The first matching rule wins.
+PARAMETER_RULES: tuple[tuple[str, P], ...] = (
+    (r"embed_tokens/embedding$", P("tensor", "fsdp")),
+    (r"lm_head/kernel$", P("fsdp", "tensor")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv|mlp_in)/kernel$", P("fsdp", "tensor")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv|mlp_in)/bias$", P("tensor")),
+    (r"(o_proj|down_proj|proj|mlp_out|patch_embed)/kernel$", P("tensor", "fsdp")),
+    (r".*", P()),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"At most one mesh axis may be -1, got data={data} fsdp={fsdp} "
+                     f"tensor={tensor}.")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot be split into data={data} fsdp={fsdp} "
+                       f"tensor={tensor}.")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"Mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs "
+                     f"{int(np.prod(sizes))} devices but {len(devices)} are available.")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def path_to_str(path) -> str:
+  """A pytree key path or tuple as 'language_model/layers/0/self_attn/q_proj/kernel'.
+
+  The trailing `.value` attribute of an NNX Variable is dropped so rules match parameter names.
+  """
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.GetAttrKey):
+      if key.name == "value":
+        continue
+      parts.append(key.name)
+    else:
+      parts.append(str(getattr(key, "key", getattr(key, "idx", key))))
+  return "/".join(parts)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str = "") -> P:
+  """Drops the axes of `spec` that the mesh does not have or that do not divide their dimension."""
+  axes = list(spec) + [None] * (len(shape) - len(spec))
+  fitted = []
+  for dim, axis in zip(shape, axes[:len(shape)]):
+    if axis is None or axis not in mesh.shape or mesh.shape[axis] == 1:
+      fitted.append(None)
+    elif dim % mesh.shape[axis]:
+      logging.info("Replicating %s dim %d (size %d) over '%s' of size %d: not divisible.",
+                   name, len(fitted), dim, axis, mesh.shape[axis])
+      fitted.append(None)
+    else:
+      fitted.append(axis)
+  return P(*fitted)
+
+
+def spec_for(name: str, shape: Sequence[int], mesh: Mesh,
+             rules: Sequence[tuple[str, P]] = PARAMETER_RULES) -> P:
+  for pattern, spec in rules:
+    if re.search(pattern, name):
+      return fit_spec(spec, shape, mesh, name)
+  return P()
+
+
+def parameter_shardings(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = PARAMETER_RULES):
+  """A pytree like `state` (arrays or ShapeDtypeStructs) of NamedShardings chosen by the rules."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, spec_for(path_to_str(path), x.shape, mesh, rules)),
+      state)

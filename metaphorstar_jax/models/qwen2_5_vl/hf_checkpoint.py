@@ -216,7 +216,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=Non
                                      param_dtype=jnp.dtype(param_dtype or dtype).name,
                                      remat=remat)
   graphdef, state = nnx.split(abstract_model(config))
-  flat = dict(state.flat_state())
+  flat = dict(nnx.to_flat_state(state))
   table = name_table(config)
   reader = CheckpointReader(path)
   _check_tensors(reader, table, {p: v.shape for p, v in flat.items()}, config)
@@ -232,7 +232,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=Non
       value = jax.make_array_from_callback(
           shape, NamedSharding(mesh, spec),
           lambda index, entry=entry, dt=target_dtype: _read_as_ours(reader, entry, index, dt))
-    variable.value = value
+    variable.set_value(value)
   reader.close()
   return nnx.merge(graphdef, state)
 
@@ -299,7 +299,7 @@ def save_pretrained(model: Qwen2_5_VL, out_dir: str | os.PathLike, *,
   """
   out_dir = os.fspath(out_dir)
   config = model.config
-  flat = dict(nnx.state(model, nnx.Param).flat_state())
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   table = name_table(config)
   disk_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
   writer = jax.process_index() == 0
@@ -310,7 +310,7 @@ def save_pretrained(model: Qwen2_5_VL, out_dir: str | os.PathLike, *,
   for file_name, shard in zip(_shard_names(len(shards)), shards):
     tensors = {}
     for entry in shard:
-      value = _host_array(flat[entry.path].value)  # every host joins the gather
+      value = _host_array(flat[entry.path].get_value())  # every host joins the gather
       if disk_dtype is not None:
         value = value.astype(disk_dtype)
       tensors[entry.hf_name] = _to_hf(entry, value, config)

@@ -83,3 +83,13 @@ def test_presets_have_the_released_parameter_counts(name):
   assert abs(total - RELEASED_TOTALS[name]) / RELEASED_TOTALS[name] < 5e-4
   assert len(qwen2_5_vl.name_table(model.config)) == {"3b": 824, "7b": 729, "32b": 1161,
                                                       "72b": 1353}[name]
+
+
+@pytest.mark.parametrize("name,total", [("tiny", 1.18e6), ("small", 30.7e6)])
+def test_bench_presets_match_the_bench_spec(name, total):
+  from flax import nnx
+  cfg = qwen2_5_vl.preset(name)
+  assert cfg.image_token_id == 2012 and cfg.eos_token_id == 2002 and cfg.text.vocab_size == 2048
+  model = qwen2_5_vl.abstract_model(cfg)
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert abs(count - total) / total < 5e-3

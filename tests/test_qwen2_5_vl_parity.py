@@ -139,3 +139,28 @@ def test_image_token_count_mismatch_is_a_clear_error(hf_tiny):
   with pytest.raises(ValueError, match="23 image-pad tokens.*24 features"):
     model(np.asarray([ids]), pixel_values=random_pixels(np.random.default_rng(0), [[1, 8, 12]]),
           image_grid_thw=np.asarray([[1, 8, 12]]))
+
+
+@pytest.mark.parametrize("window_size", [112, 56])
+def test_vision_layout_matches_transformers(window_size):
+  """Window order, window boundaries and patch rope positions, item by item.
+
+  Our attention masks by segment id, so the window order cannot change features; this pins it for
+  kernels that need contiguous windows.
+  """
+  from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+  grids = [[1, 16, 24], [1, 6, 10], [1, 2, 2], [1, 18, 18], [2, 4, 8]]
+  window_index, cu_window_seqlens = get_vision_window_index(
+      torch.tensor(grids), spatial_merge_size=2, window_size=window_size, patch_size=14)
+  positions = get_vision_position_ids(torch.tensor(grids), 2)
+  num_patches = sum(int(np.prod(g)) for g in grids)
+  layout = qwen2_5_vl.vision_layout(np.asarray(grids), num_patches, merge_size=2,
+                                    window_cells=window_size // 28)
+  np.testing.assert_array_equal(np.asarray(layout.window_index_C), window_index.numpy())
+  segments = np.asarray(layout.window_segments_S)
+  boundaries = np.flatnonzero(np.diff(segments)) + 1
+  expected = np.unique(cu_window_seqlens.numpy())[1:-1]
+  np.testing.assert_array_equal(boundaries, expected)
+  by_window = positions.numpy().reshape(-1, 4, 2)[window_index.numpy()].reshape(-1, 2)
+  np.testing.assert_array_equal(np.asarray(layout.rope_rows_S), by_window[:, 0])
+  np.testing.assert_array_equal(np.asarray(layout.rope_cols_S), by_window[:, 1])

@@ -279,9 +279,41 @@ PRESETS = {
 }
 
 
+# Random-weight sizes for tests, benchmarks and the CPU default (shared/specs/bench_models.md):
+# a 2048-token vocabulary whose Qwen special tokens sit at 2000 + k instead of 151643 + k.
+SMALL_VOCAB_SIZES = {
+    "tiny": dict(text=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=384, mrope_section=(4, 6, 6)),
+                 vision=dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=128,
+                             fullatt_block_indexes=(1,))),
+    "small": dict(text=dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                            num_key_value_heads=2, intermediate_size=1536,
+                            mrope_section=(8, 12, 12)),
+                  vision=dict(depth=4, hidden_size=256, num_heads=4, intermediate_size=512,
+                              fullatt_block_indexes=(1, 3))),
+}
+SMALL_VOCAB = 2048
+SMALL_VOCAB_FIRST_SPECIAL = 2000  # <|endoftext|>; Qwen's 151643
+
+
+def _small_vocab(text, vision, **runtime) -> Qwen2_5_VLConfig:
+  special = lambda qwen_id: SMALL_VOCAB_FIRST_SPECIAL + qwen_id - 151643
+  return Qwen2_5_VLConfig(
+      text=TextConfig(vocab_size=SMALL_VOCAB, rms_norm_eps=1e-6, rope_theta=1e6, **text),
+      vision=VisionConfig(out_hidden_size=text["hidden_size"], tokens_per_second=2, **vision),
+      tie_word_embeddings=False,
+      image_token_id=special(151655), video_token_id=special(151656),
+      vision_start_token_id=special(151652), vision_end_token_id=special(151653),
+      bos_token_id=special(151643), eos_token_id=special(151645), pad_token_id=special(151643),
+      **runtime)
+
+
 def preset(name: str, **runtime) -> Qwen2_5_VLConfig:
-  """A released size by name ('3b', '7b', '32b', '72b')."""
+  """A released size ('3b', '7b', '32b', '72b') or a random-weight size ('tiny', 'small')."""
   key = name.lower().removeprefix("qwen2.5-vl-").removesuffix("-instruct")
+  if key in SMALL_VOCAB_SIZES:
+    return _small_vocab(**SMALL_VOCAB_SIZES[key], **runtime)
   if key not in PRESETS:
-    raise ValueError(f"Unknown Qwen2.5-VL preset {name!r}; choose one of {sorted(PRESETS)}.")
+    raise ValueError(f"Unknown Qwen2.5-VL preset {name!r}; choose one of "
+                     f"{sorted(PRESETS) + sorted(SMALL_VOCAB_SIZES)}.")
   return _released(**PRESETS[key], **runtime)

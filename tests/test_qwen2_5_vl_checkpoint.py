@@ -141,3 +141,22 @@ def test_tensor_and_fsdp_mesh_load(hf_tiny):
 def test_mesh_that_does_not_fit_is_a_clear_error():
   with pytest.raises(ValueError, match="needs 16 devices"):
     sharding.make_mesh(data=2, fsdp=4, tensor=2)
+
+
+def test_mesh_load_reads_only_each_devices_slice(hf_tiny, monkeypatch):
+  """With a mesh, no tensor is read whole: each device's callback reads its own shard."""
+  _, hf_dir = hf_tiny("a")
+  reads = []
+  original = qwen2_5_vl.CheckpointReader.read
+
+  def spy(self, name, index=None):
+    block = original(self, name, index)
+    reads.append((name, block.shape))
+    return block
+
+  monkeypatch.setattr(qwen2_5_vl.CheckpointReader, "read", spy)
+  qwen2_5_vl.from_pretrained(hf_dir, mesh=sharding.make_mesh(fsdp=8))
+  embed = [shape for name, shape in reads if name == "model.embed_tokens.weight"]
+  assert embed and all(shape == (151936, 64 // 8) for shape in embed)
+  q_proj = [shape for name, shape in reads if name == "model.layers.0.self_attn.q_proj.weight"]
+  assert q_proj and all(shape == (64, 64 // 8) for shape in q_proj)

@@ -12,7 +12,7 @@ from flax import nnx
 
 from metaphorstar_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from metaphorstar_jax.models.qwen2_5_vl.positions import rope_index
-from metaphorstar_jax.models.qwen2_5_vl.text import TextModel
+from metaphorstar_jax.models.qwen2_5_vl.text import TextModel, init_cache
 from metaphorstar_jax.models.qwen2_5_vl.vision import VisionTower
 
 
@@ -86,7 +86,31 @@ class Qwen2_5_VL(nnx.Module):
     x_BTD = self.embed(input_ids_BT, pixel_values_SP, image_grid_thw_N3, vision_layout)
     causal_TT = jnp.tril(jnp.ones((T, T), bool))
     mask_BTS = causal_TT[None] & (jnp.asarray(attention_mask_BT) > 0)[:, None, :]
-    return self.language_model(x_BTD, position_ids_3BT, mask_BTS)
+    hidden_BTD, _ = self.language_model(x_BTD, position_ids_3BT, mask_BTS)
+    return hidden_BTD
+
+  def init_cache(self, batch: int, length: int, dtype=None):
+    """An empty KV cache for `batch` rows of `length` tokens (compute dtype by default)."""
+    return init_cache(self.config.text, batch, length, dtype or self.config.compute_dtype)
+
+  def cached_hidden_states(self, x_BTD, position_ids_3BT, cache, cache_index, kv_valid_BS):
+    """Decoder states for embeddings written into `cache` at `cache_index` (prefill or decode).
+
+    Args:
+      x_BTD: embeddings of the new tokens (from `embed`).
+      position_ids_3BT: their M-RoPE ids.
+      cache: from `init_cache`; its length S bounds prompt plus completion.
+      cache_index: slot of the first new token (a scalar, the same for every row).
+      kv_valid_BS: True for cache slots holding real tokens (False for left padding).
+
+    Returns:
+      Hidden states (B, T, D) and the updated cache.
+    """
+    T, S = x_BTD.shape[1], kv_valid_BS.shape[1]
+    slot_S = jnp.arange(S)
+    query_slot_T = cache_index + jnp.arange(T)
+    mask_BTS = (slot_S[None, :] <= query_slot_T[:, None])[None] & kv_valid_BS[:, None, :]
+    return self.language_model(x_BTD, position_ids_3BT, mask_BTS, cache, cache_index)
 
   def logits(self, hidden_BTD):
     """LM head over hidden states: (..., V)."""

@@ -89,9 +89,13 @@ def rope_index(input_ids_BT, attention_mask_BT, image_grid_thw_N3, *, image_toke
   return position_ids_3BT, rope_deltas_B.astype(jnp.int32)
 
 
-def decode_positions(cache_index_B, rope_deltas_B):
-  """3-D position ids of the next token at absolute cache index `cache_index_B`: (3, B, 1)."""
-  pos_B = (cache_index_B + rope_deltas_B).astype(jnp.int32)
+def decode_positions(real_tokens_B, rope_deltas_B):
+  """3-D position ids (3, B, 1) of a new token that follows `real_tokens_B` non-padding tokens.
+
+  Equals transformers' `(cumsum(attention_mask) - 1) + rope_delta` at that token, so left padding
+  does not shift it; the first generated token lands at the prompt's max position + 1.
+  """
+  pos_B = (real_tokens_B + rope_deltas_B).astype(jnp.int32)
   return jnp.broadcast_to(pos_B[None, :, None], (3, pos_B.shape[0], 1))
 
 

@@ -5,6 +5,7 @@ Shape letters: B batch, T tokens, D width, N query heads, K kv heads, H head dim
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -41,7 +42,12 @@ class Attention(nnx.Module):
     self.v_proj = nnx.Linear(cfg.hidden_size, cfg.num_key_value_heads * H, use_bias=True, **kw)
     self.o_proj = nnx.Linear(cfg.num_attention_heads * H, cfg.hidden_size, use_bias=False, **kw)
 
-  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS):
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
+    """Self-attention; with `cache` ({'k','v'}: (B, S, K, H)) the new keys and values are written
+    at `cache_index` and the queries attend over the whole cache (mask_BTS then spans it).
+
+    Returns the output (B, T, D) and the updated cache (None without one).
+    """
     B, T, _ = x_BTD.shape
     q_BTNH = self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim)
     k_BTKH = self.k_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -49,8 +55,13 @@ class Attention(nnx.Module):
     cos, sin = cos_BTH[:, :, None], sin_BTH[:, :, None]
     q_BTNH = layers.apply_rotary(q_BTNH, cos, sin).astype(q_BTNH.dtype)
     k_BTKH = layers.apply_rotary(k_BTKH, cos, sin).astype(k_BTKH.dtype)
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_BTKH.astype(cache["k"].dtype), start),
+               "v": jax.lax.dynamic_update_slice(cache["v"], v_BTKH.astype(cache["v"].dtype), start)}
+      k_BTKH, v_BTKH = cache["k"].astype(q_BTNH.dtype), cache["v"].astype(q_BTNH.dtype)
     out_BTNH = layers.attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
-    return self.o_proj(out_BTNH.reshape(B, T, -1))
+    return self.o_proj(out_BTNH.reshape(B, T, -1)), cache
 
 
 class DecoderLayer(nnx.Module):
@@ -64,9 +75,11 @@ class DecoderLayer(nnx.Module):
     self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
                              use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS):
-    x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS)
-    return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
+    attn_BTD, cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS,
+                                     cache, cache_index)
+    x_BTD = x_BTD + attn_BTD
+    return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), cache
 
 
 class TextModel(nnx.Module):
@@ -83,12 +96,33 @@ class TextModel(nnx.Module):
                             for _ in range(cfg.num_hidden_layers)])
     self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
-  def __call__(self, x_BTD, position_ids_3BT, mask_BTS):
-    """Runs the decoder over input embeddings; returns the final-normed hidden states (B, T, D)."""
+  def __call__(self, x_BTD, position_ids_3BT, mask_BTS, cache=None, cache_index=None):
+    """Runs the decoder over input embeddings.
+
+    Args:
+      x_BTD: input embeddings.
+      position_ids_3BT: M-RoPE ids.
+      mask_BTS: True where query t may attend key s (S = T without a cache, the cache length with).
+      cache: optional per-layer KV cache from `init_cache`, written at `cache_index`.
+
+    Returns:
+      Final-normed hidden states (B, T, D) and the updated cache (None without one).
+    """
     cos_BTH, sin_BTH = mrope_cos_sin(position_ids_3BT, self.cfg, x_BTD.dtype)
-    for layer in self.layers:
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else cache[i]
       if self.remat:
-        x_BTD = nnx.remat(lambda l, *a: l(*a))(layer, x_BTD, cos_BTH, sin_BTH, mask_BTS)
+        x_BTD, layer_cache = nnx.remat(lambda l, *a: l(*a))(layer, x_BTD, cos_BTH, sin_BTH,
+                                                             mask_BTS, layer_cache, cache_index)
       else:
-        x_BTD = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS)
-    return self.norm(x_BTD)
+        x_BTD, layer_cache = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, layer_cache, cache_index)
+      new_cache.append(layer_cache)
+    return self.norm(x_BTD), (None if cache is None else tuple(new_cache))
+
+
+def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> tuple[dict, ...]:
+  """An empty KV cache: per layer {'k', 'v'} of shape (batch, length, K, H)."""
+  shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+  return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+               for _ in range(cfg.num_hidden_layers))

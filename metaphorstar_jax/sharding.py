@@ -66,18 +66,21 @@ def path_to_str(path) -> str:
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str = "") -> P:
-  """Drops the axes of `spec` that the mesh does not have or that do not divide their dimension."""
-  axes = list(spec) + [None] * (len(shape) - len(spec))
+  """Drops the axes of `spec` that the mesh lacks or that do not divide their dimension.
+
+  An entry may name several mesh axes, e.g. ('data', 'fsdp') for rows split over both.
+  """
+  entries = list(spec) + [None] * (len(shape) - len(spec))
   fitted = []
-  for dim, axis in zip(shape, axes[:len(shape)]):
-    if axis is None or axis not in mesh.shape or mesh.shape[axis] == 1:
-      fitted.append(None)
-    elif dim % mesh.shape[axis]:
-      logging.info("Replicating %s dim %d (size %d) over '%s' of size %d: not divisible.",
-                   name, len(fitted), dim, axis, mesh.shape[axis])
-      fitted.append(None)
-    else:
-      fitted.append(axis)
+  for dim, entry in zip(shape, entries[:len(shape)]):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if axes and dim % size:
+      logging.info("Replicating %s dim %d (size %d) over %s of size %d: not divisible.",
+                   name, len(fitted), dim, axes, size)
+      axes = ()
+    fitted.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*fitted)
 
 

@@ -1,0 +1,70 @@
+"""Turning next-token logits into a sampled token and its log-probability.
+
+Shape letters: B rows, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -jnp.inf
+
+
+def ban_tokens(logits_BV, banned_ids: tuple[int, ...]):
+  """Sets the logits of `banned_ids` to -inf so they can never be drawn."""
+  if not banned_ids:
+    return logits_BV
+  return logits_BV.at[:, jnp.asarray(banned_ids)].set(_NEG_INF)
+
+
+def top_k_filter(logits_BV, k: int):
+  """Keeps the k largest logits of each row (ties with the k-th kept); k <= 0 keeps all."""
+  if k <= 0 or k >= logits_BV.shape[-1]:
+    return logits_BV
+  kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
+  return jnp.where(logits_BV < kth_B1, _NEG_INF, logits_BV)
+
+
+def top_p_filter(logits_BV, p: float):
+  """Nucleus filter: keeps the smallest set of top tokens whose probability reaches `p`.
+
+  A token is kept when the probability mass strictly above it is below p, so the most likely
+  token always survives.
+  """
+  if p >= 1.0:
+    return logits_BV
+  sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  mass_above_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  kept_BV = mass_above_BV < p
+  threshold_B1 = jnp.min(jnp.where(kept_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits_BV < threshold_B1, _NEG_INF, logits_BV)
+
+
+def token_logprobs(logits_BV, tokens_B, temperature: float):
+  """log softmax(logits / temperature) over the full vocabulary at `tokens_B`.
+
+  This is what the trainer recomputes, so sampler and trainer log-probs are comparable:
+  no banning or top-k/top-p truncation enters it.
+  """
+  scaled_BV = logits_BV.astype(jnp.float32) / temperature
+  logprobs_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
+  return jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
+
+
+def next_tokens(key, logits_BV, *, greedy: bool, temperature: float, top_k: int, top_p: float,
+                banned_ids: tuple[int, ...] = ()):
+  """Draws one token per row: temperature, then top-k, then top-p, as transformers orders them.
+
+  Returns:
+    tokens_B (int32) and their log-probabilities under `token_logprobs` (float32).
+  """
+  logits_BV = logits_BV.astype(jnp.float32)
+  allowed_BV = ban_tokens(logits_BV, banned_ids)
+  if greedy:
+    tokens_B = jnp.argmax(allowed_BV, axis=-1).astype(jnp.int32)
+    return tokens_B, token_logprobs(logits_BV, tokens_B, 1.0)
+  filtered_BV = top_p_filter(top_k_filter(allowed_BV / temperature, top_k), top_p)
+  tokens_B = jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
+  return tokens_B, token_logprobs(logits_BV, tokens_B, temperature)

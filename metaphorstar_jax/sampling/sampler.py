@@ -1,0 +1,284 @@
+"""Batched on-device rollouts for Qwen2.5-VL: P prompts × G samples per call.
+
+Each prompt's images are encoded and its prompt prefilled once; the KV cache is then tiled G
+times and one `lax.while_loop` decodes every row until all rows have stopped or spent their
+budget. Weights are arguments of the two jitted functions, so a policy update never recompiles;
+prompt length, patch count and image count are padded to buckets so a run compiles few programs.
+
+Shape letters: P prompts, G samples per prompt, B = P·G rows, T prompt tokens (bucketed),
+N new tokens (max_new_tokens), L cache length (T + N), S patches, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from metaphorstar_jax import sharding as sharding_lib
+from metaphorstar_jax.models.qwen2_5_vl import Qwen2_5_VL
+from metaphorstar_jax.sampling import logits_processing
+
+_BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How rollouts are drawn. Every field is static: changing one compiles new programs.
+
+  stop_token_ids / banned_token_ids: None takes them from the model config (stops: <|im_end|> and
+  <|endoftext|>; banned: the vision special tokens, which break the next forward pass if sampled).
+  """
+
+  max_new_tokens: int = 256
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  greedy: bool = False
+  stop_token_ids: tuple[int, ...] | None = None
+  banned_token_ids: tuple[int, ...] | None = None
+  min_prompt_bucket: int = 64
+  min_patch_bucket: int = 64
+  cache_dtype: str | None = None  # default: the model's compute dtype
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}.")
+    if not self.greedy and self.temperature <= 0:
+      raise ValueError(f"temperature must be positive (or use greedy=True), got "
+                       f"{self.temperature}.")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
+
+
+class Rollouts(NamedTuple):
+  """Per-row results of one call; row p·G + g is sample g of prompt p.
+
+  tokens_BN: completion tokens (pad after the row stopped).
+  mask_BN: 1 on generated tokens, the stop token included.
+  logprobs_BN: log softmax(logits / temperature) of each sampled token, 0 where masked.
+  lengths_B: number of generated tokens.
+  truncated_B: True where the row hit its budget without a stop token.
+  prompt_index_B: p for each row.
+  """
+
+  tokens_BN: Any
+  mask_BN: Any
+  logprobs_BN: Any
+  lengths_B: Any
+  truncated_B: Any
+  prompt_index_B: Any
+
+
+def _bucket(n: int, minimum: int) -> int:
+  """Smallest power-of-two multiple of `minimum` that holds n."""
+  size = minimum
+  while size < n:
+    size *= 2
+  return size
+
+
+def left_align(input_ids_PT, attention_mask_PT, length: int, pad_id: int):
+  """Moves each prompt's real tokens to the right end of a `length`-token row (left padding)."""
+  ids = np.asarray(input_ids_PT)
+  mask = np.asarray(attention_mask_PT).astype(bool)
+  out_ids = np.full((ids.shape[0], length), pad_id, np.int32)
+  out_mask = np.zeros((ids.shape[0], length), np.int32)
+  for p in range(ids.shape[0]):
+    real = ids[p][mask[p]]
+    out_ids[p, length - len(real):] = real
+    out_mask[p, length - len(real):] = 1
+  return out_ids, out_mask
+
+
+def pad_images(pixel_values_SP, image_grid_thw_N3, num_patches: int, num_images: int):
+  """Pads patches and grids to bucket sizes without changing any real image's features.
+
+  The padding patches form one extra image of grid (1, 2, pad/2) whose features no token reads;
+  further grid rows are (0, 0, 0), images with no patches.
+  """
+  pixels = np.asarray(pixel_values_SP, np.float32)
+  grids = np.asarray(image_grid_thw_N3, np.int32).reshape(-1, 3)
+  pad = num_patches - pixels.shape[0]
+  if pad:
+    pixels = np.concatenate([pixels, np.zeros((pad, pixels.shape[1]), np.float32)])
+    grids = np.concatenate([grids, [[1, 2, pad // 2]]])
+  grids = np.concatenate([grids, np.zeros((num_images - grids.shape[0], 3), np.int32)])
+  return pixels, grids.astype(np.int32)
+
+
+class Sampler:
+  """Draws groups of rollouts from a Qwen2.5-VL model.
+
+      sampler = Sampler(model, SamplingConfig(max_new_tokens=128, temperature=1.0, top_p=0.99))
+      rollouts = sampler(batch, group_size=5, key=jax.random.key(0))       # current weights
+      rollouts = sampler(batch, group_size=5, key=key, state=new_params)  # no recompile
+  """
+
+  def __init__(self, model: Qwen2_5_VL, config: SamplingConfig, mesh: Mesh | None = None):
+    self.graphdef, self.state = nnx.split(model)
+    self.model_config = model.config
+    self.mesh = mesh
+    cfg = model.config
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
+    stops = config.stop_token_ids
+    if stops is None:
+      stops = tuple(t for t in dict.fromkeys(eos + (cfg.pad_token_id, cfg.bos_token_id))
+                    if t is not None)
+    banned = config.banned_token_ids
+    if banned is None:
+      banned = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                cfg.vision_end_token_id)
+    self.config = dataclasses.replace(config, stop_token_ids=tuple(stops),
+                                      banned_token_ids=tuple(banned))
+    # Qwen pads with <|endoftext|>, which the configs also name as bos.
+    self.pad_id = next((t for t in (cfg.pad_token_id, cfg.bos_token_id) if t is not None), 0)
+    self.compiled_programs = 0  # incremented while tracing, i.e. once per compiled program
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("group_size", "cache_length"))
+    self._decode = jax.jit(self._decode_fn, donate_argnames=("carry",))
+
+  # --- traced functions --------------------------------------------------------------------
+
+  def _constrain_rows(self, x):
+    """Rows over the batch axes of the mesh, when there is one and they divide."""
+    if self.mesh is None:
+      return x
+    spec = sharding_lib.fit_spec(P(_BATCH_AXES), x.shape, self.mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+  def _prefill_fn(self, state, input_ids_PT, attention_mask_PT, pixel_values_SP, image_grid_thw,
+                  *, group_size: int, cache_length: int):
+    self.compiled_programs += 1
+    model = nnx.merge(self.graphdef, state)
+    num_prompts, prompt_len = input_ids_PT.shape
+    positions_3PT, deltas_P = model.position_ids(input_ids_PT, attention_mask_PT, image_grid_thw)
+    x_PTD = model.embed(input_ids_PT, pixel_values_SP, image_grid_thw)
+    cache_dtype = jnp.dtype(self.config.cache_dtype or model.config.compute_dtype)
+    cache = model.init_cache(num_prompts, cache_length, cache_dtype)
+    # Generated slots count as valid from the start; causality hides the ones not yet written.
+    kv_valid_PL = jnp.concatenate(
+        [attention_mask_PT > 0, jnp.ones((num_prompts, cache_length - prompt_len), bool)], axis=1)
+    hidden_PTD, cache = model.cached_hidden_states(x_PTD, positions_3PT, cache, 0, kv_valid_PL)
+    logits_PV = model.logits(hidden_PTD[:, -1]).astype(jnp.float32)
+    next_position_P = deltas_P + attention_mask_PT.sum(axis=1).astype(jnp.int32)
+
+    tile = lambda a: self._constrain_rows(jnp.repeat(a, group_size, axis=0))
+    return dict(cache=jax.tree.map(tile, cache), kv_valid=tile(kv_valid_PL),
+                logits=tile(logits_PV), next_position=tile(next_position_P))
+
+  def _decode_fn(self, state, carry, key, budget_B):
+    self.compiled_programs += 1
+    cfg = self.config
+    model = nnx.merge(self.graphdef, state)
+    stop_ids = jnp.asarray(cfg.stop_token_ids, jnp.int32)
+    B, N = carry["tokens"].shape
+    prompt_len = carry["kv_valid"].shape[1] - N
+
+    def cond(c):
+      return (c["step"] < N) & ~jnp.all(c["done"])
+
+    def body(c):
+      step_key = jax.random.fold_in(key, c["step"])
+      tokens_B, logprobs_B = logits_processing.next_tokens(
+          step_key, c["logits"], greedy=cfg.greedy, temperature=cfg.temperature,
+          top_k=cfg.top_k, top_p=cfg.top_p, banned_ids=cfg.banned_token_ids)
+      active_B = ~c["done"]
+      tokens_B = jnp.where(active_B, tokens_B, self.pad_id)
+      lengths_B = c["lengths"] + active_B
+      stopped_B = active_B & jnp.isin(tokens_B, stop_ids)
+      done_B = c["done"] | stopped_B | (lengths_B >= budget_B)
+      x_B1D = model.embed(tokens_B[:, None])
+      positions_3B1 = jnp.broadcast_to(c["next_position"][None, :, None], (3, B, 1))
+      hidden_B1D, cache = model.cached_hidden_states(x_B1D, positions_3B1, c["cache"],
+                                                     prompt_len + c["step"], c["kv_valid"])
+      return dict(
+          c,
+          step=c["step"] + 1,
+          cache=cache,
+          logits=model.logits(hidden_B1D[:, 0]).astype(jnp.float32),
+          next_position=c["next_position"] + 1,
+          tokens=c["tokens"].at[:, c["step"]].set(tokens_B),
+          logprobs=c["logprobs"].at[:, c["step"]].set(jnp.where(active_B, logprobs_B, 0.0)),
+          lengths=lengths_B,
+          stopped=c["stopped"] | stopped_B,
+          done=done_B,
+      )
+
+    return jax.lax.while_loop(cond, body, carry)
+
+  # --- host side ---------------------------------------------------------------------------
+
+  def _place_rows(self, array):
+    if self.mesh is None:
+      return jnp.asarray(array)
+    spec = sharding_lib.fit_spec(P(_BATCH_AXES), np.shape(array), self.mesh)
+    return jax.device_put(array, NamedSharding(self.mesh, spec))
+
+  def prepare(self, batch: dict[str, np.ndarray]):
+    """Left-aligns prompts and pads them, their patches and grids to bucket sizes."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    real_lengths = np.asarray(mask).sum(axis=1)
+    prompt_len = _bucket(int(real_lengths.max()), self.config.min_prompt_bucket)
+    ids, mask = left_align(ids, mask, prompt_len, self.pad_id)
+    pixels, grids = batch.get("pixel_values"), batch.get("image_grid_thw")
+    if pixels is None or np.shape(pixels)[0] == 0:
+      pixels, grids = None, None
+    else:
+      pixels, grids = pad_images(pixels, grids,
+                                 _bucket(np.shape(pixels)[0], self.config.min_patch_bucket),
+                                 _bucket(np.shape(grids)[0] + 1, 2))
+    return ids, mask, pixels, grids
+
+  def __call__(self, batch: dict[str, np.ndarray], *, group_size: int = 1, key=None, state=None,
+               max_new_tokens_per_row=None) -> Rollouts:
+    """Samples `group_size` completions for each prompt of `batch`.
+
+    Args:
+      batch: the processor's output: input_ids and attention_mask (P, T), optional pixel_values
+        (S, 1176) and image_grid_thw (N, 3).
+      group_size: G samples per prompt.
+      key: a jax PRNG key (required unless greedy).
+      state: model weights (an nnx.State like `nnx.split(model)[1]`); default: those given at
+        construction. Passing new weights does not recompile.
+      max_new_tokens_per_row: optional (P·G,) budgets, each at most config.max_new_tokens.
+
+    Returns:
+      Rollouts with arrays of B = P·G rows and N = max_new_tokens columns.
+    """
+    cfg = self.config
+    if key is None:
+      if not cfg.greedy:
+        raise ValueError("Sampling needs a PRNG key: pass key=jax.random.key(seed).")
+      key = jax.random.key(0)
+    state = self.state if state is None else state
+    ids, mask, pixels, grids = self.prepare(batch)
+    num_prompts, prompt_len = ids.shape
+    rows, new = num_prompts * group_size, cfg.max_new_tokens
+    prefilled = self._prefill(state, self._place_rows(ids), self._place_rows(mask), pixels,
+                              grids, group_size=group_size, cache_length=prompt_len + new)
+    budget = (np.full(rows, new, np.int32) if max_new_tokens_per_row is None
+              else np.minimum(np.asarray(max_new_tokens_per_row, np.int32), new))
+    carry = dict(
+        prefilled,
+        step=jnp.zeros((), jnp.int32),
+        tokens=self._place_rows(np.full((rows, new), self.pad_id, np.int32)),
+        logprobs=self._place_rows(np.zeros((rows, new), np.float32)),
+        lengths=self._place_rows(np.zeros(rows, np.int32)),
+        stopped=self._place_rows(np.zeros(rows, bool)),
+        done=self._place_rows(np.zeros(rows, bool)),
+    )
+    out = self._decode(state, carry, key, self._place_rows(budget))
+    lengths = out["lengths"]
+    return Rollouts(
+        tokens_BN=out["tokens"],
+        mask_BN=(jnp.arange(new)[None, :] < lengths[:, None]).astype(jnp.int32),
+        logprobs_BN=out["logprobs"],
+        lengths_B=lengths,
+        truncated_B=~out["stopped"],
+        prompt_index_B=jnp.repeat(jnp.arange(num_prompts), group_size),
+    )

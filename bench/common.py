@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -266,6 +267,20 @@ class OtherLoad:
 def _own_cpu_seconds() -> float:
   times = os.times()
   return times.user + times.system
+
+
+def interleaved_medians(runs, repeats: int) -> list[float]:
+  """Median wall seconds of each of `runs` (callables that block until done), timed in turns.
+
+  Taking turns (a, b, a, b, ...) spreads any load from other processes over both sides alike.
+  """
+  times = [[] for _ in runs]
+  for _ in range(repeats):
+    for run, run_times in zip(runs, times):
+      start = time.perf_counter()
+      run()
+      run_times.append(time.perf_counter() - start)
+  return [statistics.median(run_times) for run_times in times]
 
 
 def print_result(result: dict[str, Any]) -> None:

@@ -14,7 +14,6 @@ Shape letters: B batch, T tokens, V vocab, S patch rows, P values per patch row,
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 
@@ -29,20 +28,6 @@ flags.DEFINE_integer("batch", 8, "Prompts per batch, one 112x112 image each.")
 flags.DEFINE_integer("repeats", 10, "Timed forward passes per side; the median is reported.")
 flags.DEFINE_integer("threads", 2, "torch.set_num_threads for the PyTorch side.")
 flags.DEFINE_integer("seed", 0, "Seed of the random weights and the synthetic prompts.")
-
-
-def interleaved_medians(runs, repeats: int) -> list[float]:
-  """Median wall seconds of each of `runs` (callables that block until done), timed in turns.
-
-  Taking turns (a, b, a, b, ...) spreads any load from other processes over both sides alike.
-  """
-  times = [[] for _ in runs]
-  for _ in range(repeats):
-    for run, run_times in zip(runs, times):
-      start = time.perf_counter()
-      run()
-      run_times.append(time.perf_counter() - start)
-  return [statistics.median(run_times) for run_times in times]
 
 
 def jitted_forward(graphdef):
@@ -97,7 +82,7 @@ def main(argv):
   torch_kwargs = common.torch_inputs(inputs)
   with torch.no_grad(), common.OtherLoad() as other_load:
     torch_logits_BTV = hf_model(**torch_kwargs).logits.float().numpy()
-    ours_s, torch_s = interleaved_medians(
+    ours_s, torch_s = common.interleaved_medians(
         [lambda: compiled(*args).block_until_ready(), lambda: hf_model(**torch_kwargs)],
         FLAGS.repeats)
   # Other processes skew the figures badly here: torch's OpenMP threads stall when a core is busy.

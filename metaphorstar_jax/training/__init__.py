@@ -1,0 +1,1 @@
+"""Training machinery used by `metaphorstar_jax.train`: policy scoring, update steps, state I/O."""

@@ -1,0 +1,83 @@
+"""Teacher-forced log-probabilities of completions under the policy, with images encoded once.
+
+A group's G completions share one prompt: its images go through the ViT once and the prompt
+embeddings are tiled G times, exactly as the sampler does, so the trainer never pays G encodes.
+
+Shape letters: P prompts, G group size, B = P·G rows, T prompt tokens, N completion tokens,
+D width, V vocabulary, S patches.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class SequenceBatch(NamedTuple):
+  """Prompts (left-aligned, P rows) and the completions to score (B = P·G rows)."""
+
+  prompt_ids_PT: jax.Array
+  prompt_mask_PT: jax.Array
+  pixel_values_SP: jax.Array | None
+  image_grid_thw_N3: jax.Array | None
+  completion_BN: jax.Array
+  completion_mask_BN: jax.Array
+
+
+def completion_hidden_states(model, batch: SequenceBatch):
+  """Decoder states (B, N, D) that predict each completion token (one step to its left)."""
+  P, T = batch.prompt_ids_PT.shape
+  B, N = batch.completion_BN.shape
+  group = B // P
+  positions_3PT, deltas_P = model.position_ids(batch.prompt_ids_PT, batch.prompt_mask_PT,
+                                               batch.image_grid_thw_N3)
+  prompt_PTD = model.embed(batch.prompt_ids_PT, batch.pixel_values_SP, batch.image_grid_thw_N3)
+  tile = lambda a, axis=0: jnp.repeat(a, group, axis=axis)
+  # Completion positions continue from the prompt's, like the sampler's decode positions.
+  first_B = tile(deltas_P + batch.prompt_mask_PT.sum(axis=1).astype(jnp.int32))
+  completion_pos_BN = first_B[:, None] + jnp.arange(N, dtype=jnp.int32)[None]
+  positions_3BL = jnp.concatenate(
+      [tile(positions_3PT, 1), jnp.broadcast_to(completion_pos_BN[None], (3, B, N))], axis=2)
+  x_BLD = jnp.concatenate(
+      [tile(prompt_PTD), model.language_model.embed_tokens(batch.completion_BN)], axis=1)
+  valid_BL = jnp.concatenate([tile(batch.prompt_mask_PT), batch.completion_mask_BN], axis=1) > 0
+  L = T + N
+  mask_BLL = jnp.tril(jnp.ones((L, L), bool))[None] & valid_BL[:, None, :]
+  hidden_BLD, _ = model.language_model(x_BLD, positions_3BL, mask_BLL)
+  return hidden_BLD[:, T - 1:T + N - 1]
+
+
+def completion_logprobs(model, batch: SequenceBatch, *, temperature: float = 1.0,
+                        chunk_size: int = 0, with_entropy: bool = True):
+  """log softmax(logits / temperature) of each completion token, and the per-token entropy.
+
+  Args:
+    chunk_size: when > 0 and it divides N, logits are formed `chunk_size` tokens at a time so a
+      large vocabulary never materialises (B, N, V) at once.
+
+  Returns:
+    logprobs_BN and entropy_BN (zeros when `with_entropy` is False), float32, unmasked.
+  """
+  hidden_BND = completion_hidden_states(model, batch)
+  tokens_BN = batch.completion_BN
+
+  def score(hidden_BCD, tokens_BC):
+    logits_BCV = model.logits(hidden_BCD).astype(jnp.float32) / temperature
+    logprobs_BCV = jax.nn.log_softmax(logits_BCV, axis=-1)
+    picked_BC = jnp.take_along_axis(logprobs_BCV, tokens_BC[..., None], axis=-1)[..., 0]
+    if not with_entropy:
+      return picked_BC, jnp.zeros_like(picked_BC)
+    entropy_BC = -jnp.sum(jnp.exp(logprobs_BCV) * logprobs_BCV, axis=-1)
+    return picked_BC, entropy_BC
+
+  N = tokens_BN.shape[1]
+  if chunk_size <= 0 or chunk_size >= N or N % chunk_size:
+    return score(hidden_BND, tokens_BN)
+  chunks = N // chunk_size
+  split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], chunks, chunk_size, *a.shape[2:]), 1, 0)
+  picked_KBC, entropy_KBC = jax.lax.map(lambda args: score(*args),
+                                        (split(hidden_BND), split(tokens_BN)))
+  merge = lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], N)
+  return merge(picked_KBC), merge(entropy_KBC)

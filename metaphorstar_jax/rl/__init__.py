@@ -1,0 +1,46 @@
+"""GRPO-family RL objectives as pure jnp functions: advantages, policy losses, KL, DAPO pieces.
+
+Everything here is jit-able with static shapes and a static config, and has no Python control
+flow on array values. A trainer's step, in order (B = P·G rows, row b = prompt b // G):
+
+  cfg = rl.preset("metaphorstar")  # cfg.loss: LossConfig, cfg.rollout: RolloutConfig
+  # (DAPO) after each generation batch: rl.filter_groups_mask, rl.dynamic_sampling_decision,
+  # then rl.take_kept_groups to trim to the wanted number of groups.
+  rewards_B = rl.shape_rewards(cfg.loss, cfg.rollout, rewards_B, lengths_B)
+  rewards_B, _ = rl.kl_in_reward(cfg.loss, kl_coef, rewards_B, old_logprobs_BT, ref_logprobs_BT,
+                                 mask_BT)
+  advantages_B = rl.compute_advantages(cfg.loss, rewards_B.reshape(P, G))
+  mask_BT = rl.loss_mask(cfg.loss, mask_BT, truncated_B)
+  # inside the jitted, differentiated step:
+  loss, metrics = rl.policy_loss(cfg.loss, logprobs_BT, old_logprobs_BT, advantages_B, mask_BT,
+                                 ref_logprobs_BT=ref_logprobs_BT)
+
+Module map: `config` (knobs, presets), `advantages`, `aggregation` (loss_agg_mode), `losses`
+(PPO-clip, dual-clip, GSPO, TIS, the total loss), `kl`, `logprobs` (log-probs and entropy from
+logits), `dapo` (dynamic sampling, overlong penalty and filtering).
+"""
+
+from metaphorstar_jax.rl.advantages import (compute_advantages, flatten_groups, grpo_advantages,
+                                            group_statistics, rloo_advantages)
+from metaphorstar_jax.rl.aggregation import aggregate, masked_mean
+from metaphorstar_jax.rl.config import (ADV_ESTIMATORS, KL_TYPES, LOSS_AGG_MODES, LOSS_MODES,
+                                        PRESET_NAMES, LossConfig, RLPreset, RolloutConfig, preset)
+from metaphorstar_jax.rl.dapo import (DrawDecision, dynamic_sampling_decision, filter_groups_mask,
+                                      loss_mask, mask_truncated, overlong_penalty, shape_rewards,
+                                      take_kept_groups)
+from metaphorstar_jax.rl.kl import (adaptive_kl_coef, kl_estimate, kl_in_reward, kl_loss,
+                                    kl_penalized_rewards, next_kl_coef)
+from metaphorstar_jax.rl.logprobs import entropy_from_logits, token_logprobs
+from metaphorstar_jax.rl.losses import (ClippedLoss, clipped_policy_loss, policy_log_ratio,
+                                        policy_loss, sequence_log_ratio, tis_weights)
+
+__all__ = [
+    "ADV_ESTIMATORS", "KL_TYPES", "LOSS_AGG_MODES", "LOSS_MODES", "PRESET_NAMES",
+    "ClippedLoss", "DrawDecision", "LossConfig", "RLPreset", "RolloutConfig",
+    "adaptive_kl_coef", "aggregate", "clipped_policy_loss", "compute_advantages",
+    "dynamic_sampling_decision", "entropy_from_logits", "filter_groups_mask", "flatten_groups",
+    "group_statistics", "grpo_advantages", "kl_estimate", "kl_in_reward", "kl_loss",
+    "kl_penalized_rewards", "loss_mask", "mask_truncated", "masked_mean", "next_kl_coef",
+    "overlong_penalty", "policy_log_ratio", "policy_loss", "preset", "rloo_advantages",
+    "sequence_log_ratio", "shape_rewards", "take_kept_groups", "tis_weights", "token_logprobs",
+]

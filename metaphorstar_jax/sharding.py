@@ -97,3 +97,17 @@ def parameter_shardings(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = PARA
   return jax.tree_util.tree_map_with_path(
       lambda path, x: NamedSharding(mesh, spec_for(path_to_str(path), x.shape, mesh, rules)),
       state)
+
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def place_rows(array, mesh: Mesh | None):
+  """Puts `array` on the mesh with its leading (row) axis split over the batch axes.
+
+  Without a mesh it goes to the default device; rows that the axes do not divide are replicated.
+  """
+  if mesh is None:
+    return jax.numpy.asarray(array)
+  spec = fit_spec(P(BATCH_AXES), np.shape(array), mesh)
+  return jax.device_put(array, NamedSharding(mesh, spec))

@@ -24,9 +24,6 @@ from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.models.qwen2_5_vl import Qwen2_5_VL
 from metaphorstar_jax.sampling import logits_processing
 
-_BATCH_AXES = ("data", "fsdp")
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """How rollouts are drawn. Every field is static: changing one compiles new programs.
@@ -148,7 +145,7 @@ class Sampler:
     """Rows over the batch axes of the mesh, when there is one and they divide."""
     if self.mesh is None:
       return x
-    spec = sharding_lib.fit_spec(P(_BATCH_AXES), x.shape, self.mesh)
+    spec = sharding_lib.fit_spec(P(sharding_lib.BATCH_AXES), x.shape, self.mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
   def _prefill_fn(self, state, input_ids_PT, attention_mask_PT, pixel_values_SP, image_grid_thw,
@@ -214,10 +211,7 @@ class Sampler:
   # --- host side ---------------------------------------------------------------------------
 
   def _place_rows(self, array):
-    if self.mesh is None:
-      return jnp.asarray(array)
-    spec = sharding_lib.fit_spec(P(_BATCH_AXES), np.shape(array), self.mesh)
-    return jax.device_put(array, NamedSharding(self.mesh, spec))
+    return sharding_lib.place_rows(array, self.mesh)
 
   def prepare(self, batch: dict[str, np.ndarray]):
     """Left-aligns prompts and pads them, their patches and grids to bucket sizes."""
@@ -250,13 +244,19 @@ class Sampler:
     Returns:
       Rollouts with arrays of B = P·G rows and N = max_new_tokens columns.
     """
+    return self.sample_prepared(self.prepare(batch), group_size=group_size, key=key, state=state,
+                                max_new_tokens_per_row=max_new_tokens_per_row)
+
+  def sample_prepared(self, prepared, *, group_size: int = 1, key=None, state=None,
+                      max_new_tokens_per_row=None) -> Rollouts:
+    """`__call__` on the output of `prepare` (which the trainer reuses to score the rollouts)."""
     cfg = self.config
     if key is None:
       if not cfg.greedy:
         raise ValueError("Sampling needs a PRNG key: pass key=jax.random.key(seed).")
       key = jax.random.key(0)
     state = self.state if state is None else state
-    ids, mask, pixels, grids = self.prepare(batch)
+    ids, mask, pixels, grids = prepared
     num_prompts, prompt_len = ids.shape
     rows, new = num_prompts * group_size, cfg.max_new_tokens
     prefilled = self._prefill(state, self._place_rows(ids), self._place_rows(mask), pixels,

@@ -1,0 +1,144 @@
+"""Prompt batches for training and evaluation: a deterministic, shuffled, resumable grain pipeline.
+
+Each record is turned into model inputs (chat template, image decoding and patching, tokens) in
+grain workers when asked; the main process collects `batch_size` good examples per batch. A record
+whose images will not decode, or that lacks a field, is skipped, counted and logged with its id;
+a prompt longer than the token budget is dropped whole (never truncated through an image).
+
+The iterator's state (its position in the shuffled stream and the skip counts) is small JSON that
+goes into every checkpoint, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from metaphorstar_jax.data.processor import ChatProcessor
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One record ready for batching: its unpadded tokens and image patches."""
+
+  record: Any
+  input_ids_T: np.ndarray
+  pixel_values_SP: np.ndarray
+  image_grid_thw_N3: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  record_id: str
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """`records`, their unpadded examples, and the collated arrays (left padding)."""
+
+  records: list
+  examples: list[Example]
+  arrays: dict[str, np.ndarray]
+
+
+class _Prepare:
+  """Record -> Example | Skipped; a picklable callable so grain workers can run it."""
+
+  def __init__(self, processor: ChatProcessor, build_conversation: Callable, max_prompt_tokens: int):
+    self.processor = processor
+    self.build_conversation = build_conversation
+    self.max_prompt_tokens = max_prompt_tokens
+
+  def __call__(self, record) -> Example | Skipped:
+    record_id = str(getattr(record, "id", "?"))
+    try:
+      arrays = self.processor([self.build_conversation(record)], padding_side="right")
+    except Exception as error:  # a bad record must never stop the run: count it, say why
+      return Skipped(record_id, f"{type(error).__name__}: {error}")
+    length = int(arrays["attention_mask"].sum())
+    if length > self.max_prompt_tokens:
+      return Skipped(record_id, f"prompt of {length} tokens exceeds max_prompt_tokens "
+                     f"{self.max_prompt_tokens}")
+    return Example(record, arrays["input_ids"][0, :length], arrays["pixel_values"],
+                   arrays["image_grid_thw"])
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
+  """Left-pads token rows and concatenates image patches in row order."""
+  length = max(len(e.input_ids_T) for e in examples)
+  ids = np.full((len(examples), length), pad_id, np.int32)
+  mask = np.zeros((len(examples), length), np.int32)
+  for row, example in enumerate(examples):
+    ids[row, length - len(example.input_ids_T):] = example.input_ids_T
+    mask[row, length - len(example.input_ids_T):] = 1
+  return {
+      "input_ids": ids,
+      "attention_mask": mask,
+      "pixel_values": np.concatenate([e.pixel_values_SP for e in examples]).astype(np.float32),
+      "image_grid_thw": np.concatenate([e.image_grid_thw_N3 for e in examples]).astype(np.int32),
+  }
+
+
+class PromptStream:
+  """Endless (or single-pass) batches of prompts from a list of records."""
+
+  def __init__(self, records: Sequence[Any], processor: ChatProcessor,
+               build_conversation: Callable, *, batch_size: int, seed: int, shuffle: bool = True,
+               repeat: bool = True, max_prompt_tokens: int = 4096, num_workers: int = 0):
+    if not records:
+      raise ValueError("PromptStream got no records: the data source is empty or every row was "
+                       "skipped; see the reader's skip log.")
+    self.batch_size = batch_size
+    self.pad_id = processor.special_tokens.pad
+    dataset = grain.MapDataset.source(list(records))
+    if shuffle:
+      dataset = dataset.shuffle(seed=seed)
+    if repeat:
+      dataset = dataset.repeat()
+    dataset = dataset.map(_Prepare(processor, build_conversation, max_prompt_tokens))
+    dataset = dataset.to_iter_dataset()
+    if num_workers > 0:
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    self._iterator = iter(dataset)
+    self.skipped = collections.Counter()
+    self.consumed = 0
+    self._exhausted = False
+
+  def next_batch(self) -> Batch | None:
+    """The next `batch_size` good examples; a smaller last batch, or None, when a pass ends."""
+    examples = []
+    while len(examples) < self.batch_size and not self._exhausted:
+      try:
+        item = next(self._iterator)
+      except StopIteration:
+        self._exhausted = True
+        break
+      self.consumed += 1
+      if isinstance(item, Skipped):
+        self.skipped[item.reason.split(":")[0]] += 1
+        logging.warning("Skipping record %s: %s", item.record_id, item.reason)
+        continue
+      examples.append(item)
+    if not examples:
+      return None
+    return Batch([e.record for e in examples], examples, collate(examples, self.pad_id))
+
+  def __iter__(self):
+    while (batch := self.next_batch()) is not None:
+      yield batch
+
+  def get_state(self) -> dict:
+    return {"iterator": self._iterator.get_state(), "skipped": dict(self.skipped),
+            "consumed": self.consumed}
+
+  def set_state(self, state: dict) -> None:
+    self._iterator.set_state(state["iterator"])
+    self.skipped = collections.Counter(state.get("skipped", {}))
+    self.consumed = int(state.get("consumed", 0))

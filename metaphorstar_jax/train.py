@@ -1,0 +1,459 @@
+"""Train a Qwen2.5-VL policy: optional supervised warm start, then GRPO, over a device mesh.
+
+    python -m metaphorstar_jax.train                                   # tiny CPU default
+    python -m metaphorstar_jax.train --config=configs/tfq_grpo_7b.py \
+        --config.model.hf_path=/ckpt/Qwen2.5-VL-7B-Instruct --config.data.train=/data/TFQ-Data
+
+One GRPO step: a batch of prompts → G rollouts each from the sampler → task rewards → group
+advantages → (old and reference log-probs) → μ epochs of mini-batch updates with gradient
+accumulation → metrics; evaluation and checkpoints every few steps. A run may list several stages
+(e.g. a supervised warm start, then GRPO); each starts from the weights the previous one left.
+Interrupted runs resume from the last checkpoint in the workdir, exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from metaphorstar_jax import data, rl
+from metaphorstar_jax import sharding as sharding_lib
+from metaphorstar_jax.data.pipeline import PromptStream, collate
+from metaphorstar_jax.models import qwen2_5_vl
+from metaphorstar_jax.sampling import Sampler, SamplingConfig
+from metaphorstar_jax.tasks import get_task
+from metaphorstar_jax.tasks.records import load_records
+from metaphorstar_jax.training import checkpoints, metrics as metrics_lib, optimizer, step as step_lib
+from metaphorstar_jax.training.policy import SequenceBatch
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "tfq_grpo_tiny.py")
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.")
+
+
+# --- set-up ------------------------------------------------------------------------------------
+
+def build_processor(config) -> data.ChatProcessor:
+  images = data.ImageProcessor(min_pixels=config.image.min_pixels,
+                               max_pixels=config.image.max_pixels)
+  if config.model.tokenizer == "small":
+    return data.ChatProcessor.from_tokenizer(data.build_small_tokenizer(), images)
+  if config.model.tokenizer == "qwen" or not config.model.hf_path:
+    return data.ChatProcessor.from_tokenizer(data.load_tokenizer(), images)
+  return data.ChatProcessor.from_tokenizer(data.load_tokenizer(config.model.hf_path), images)
+
+
+def build_model(config, mesh) -> qwen2_5_vl.Qwen2_5_VL:
+  """The policy: loaded from `model.hf_path`, or a random `model.preset`, sharded over `mesh`."""
+  m = config.model
+  if m.hf_path:
+    return qwen2_5_vl.from_pretrained(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype,
+                                      mesh=mesh, remat=m.remat)
+  model_config = qwen2_5_vl.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype,
+                                   remat=m.remat)
+  model = qwen2_5_vl.init(model_config, seed=config.seed)
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, sharding_lib.parameter_shardings(state, mesh))
+  return nnx.merge(graphdef, state)
+
+
+def check_vocabulary(model, processor) -> None:
+  vocab = processor.tokenizer.get_vocab_size(with_added_tokens=True)
+  if vocab > model.config.text.vocab_size:
+    raise ValueError(f"The tokenizer has {vocab} tokens but the model embeds only "
+                     f"{model.config.text.vocab_size}; pick the matching tokenizer "
+                     "(config.model.tokenizer).")
+  ids = processor.special_tokens
+  if ids.image_pad != model.config.image_token_id:
+    raise ValueError(f"The tokenizer's <|image_pad|> is {ids.image_pad} but the model expects "
+                     f"{model.config.image_token_id}; tokenizer and model do not belong together.")
+
+
+@dataclasses.dataclass
+class Objective:
+  """The RL recipe of a run: loss knobs and sampling knobs, resolved from preset + overrides."""
+
+  loss: rl.LossConfig
+  rollout: rl.RolloutConfig
+  group_size: int
+  temperature: float
+  top_p: float
+  top_k: int
+  max_new_tokens: int
+
+
+def build_objective(config) -> Objective:
+  recipe = rl.preset(config.rl.preset)
+  loss = recipe.loss.replace(**dict(config.rl.overrides))
+  pick = lambda value, default: default if value is None or value < 0 else value
+  return Objective(
+      loss=loss, rollout=recipe.rollout,
+      group_size=int(pick(config.rl.group_size, recipe.rollout.n)),
+      temperature=float(pick(config.rl.temperature, recipe.rollout.temperature)),
+      top_p=float(pick(config.rl.top_p, recipe.rollout.top_p)),
+      top_k=int(config.rl.top_k),
+      max_new_tokens=int(config.rl.max_new_tokens))
+
+
+def load_data(config):
+  """(task, training records, evaluation records); evaluation falls back to generated ones."""
+  d = config.data
+  task = get_task(d.task, **dict(d.task_options))
+  train_records, _ = load_records(task, d.train or None)
+  train_records = task.order(train_records, config.seed)
+  eval_task = get_task(d.task, **dict(d.eval_task_options or d.task_options))
+  eval_records, _ = load_records(eval_task, d.eval or None, limit=config.eval.num_examples)
+  return task, train_records, eval_records
+
+
+# --- rollouts and scoring -----------------------------------------------------------------------
+
+def completion_texts(processor, sampler: Sampler, rollouts) -> list[str]:
+  tokens, lengths = np.asarray(rollouts.tokens_BN), np.asarray(rollouts.lengths_B)
+  stops = set(sampler.config.stop_token_ids)
+  return [processor.decode([int(t) for t in row[:n] if int(t) not in stops],
+                           skip_special_tokens=True) for row, n in zip(tokens, lengths)]
+
+
+def score_rollouts(task, records, texts: list[str], group_size: int):
+  """Per-row total reward (B,) and the mean of every reward component."""
+  scores = [task.score(text, records[row // group_size]) for row, text in enumerate(texts)]
+  rewards = np.asarray([s["overall"] for s in scores], np.float32)
+  components = {}
+  for name in sorted({k for s in scores for k in s} - {"overall"}):
+    components[f"reward/{name}"] = float(np.mean([s.get(name, 0.0) for s in scores]))
+  return rewards, components
+
+
+def evaluate(task, records, processor, sampler: Sampler, params, batch_size: int) -> dict:
+  """Greedy (or configured) completions for `records`, scored by the task's metrics."""
+  texts = []
+  for start in range(0, len(records), batch_size):
+    chunk = records[start:start + batch_size]
+    batch = processor([task.build_conversation(r) for r in chunk])
+    rollouts = sampler(batch, group_size=1, key=jax.random.key(start), state=params)
+    texts += completion_texts(processor, sampler, rollouts)
+  results = dict(task.evaluate(texts, records))
+  scores = [task.score(t, r) for t, r in zip(texts, records)]
+  for name in sorted({k for s in scores for k in s}):
+    results[f"score/{name}"] = float(np.mean([s.get(name, 0.0) for s in scores]))
+  return results
+
+
+# --- updates ------------------------------------------------------------------------------------
+
+def prompt_subsets(num_prompts: int, parts: int, rng: np.random.Generator | None = None):
+  order = rng.permutation(num_prompts) if rng is not None else np.arange(num_prompts)
+  if num_prompts % parts:
+    raise ValueError(f"{num_prompts} prompts per step cannot be split into {parts} parts; make "
+                     "train.prompts_per_step a multiple of num_minibatches × grad_accum_steps.")
+  return np.split(order, parts)
+
+
+def rows_of(prompts: np.ndarray, group_size: int) -> np.ndarray:
+  return (prompts[:, None] * group_size + np.arange(group_size)[None]).reshape(-1)
+
+
+def micro_batches(examples, prepared, rows: dict[str, np.ndarray], prompts_groups, group_size,
+                  sampler: Sampler, mesh):
+  """Yields (SequenceBatch, per-row arrays) for each group of prompts, placed on the mesh."""
+  for prompts in prompts_groups:
+    if len(prompts_groups) == 1:
+      ids, mask, pixels, grids = prepared
+    else:  # re-collate just these prompts (their images only), bucketed like the sampler's
+      ids, mask, pixels, grids = sampler.prepare(
+          collate([examples[p] for p in prompts], sampler.pad_id))
+    selected = rows_of(np.asarray(prompts), group_size)
+    place = lambda a: sharding_lib.place_rows(a, mesh)
+    seq = SequenceBatch(place(ids), place(mask), pixels, grids,
+                        place(rows["tokens"][selected]), place(rows["mask"][selected]))
+    yield seq, {k: (None if v is None else place(v[selected])) for k, v in rows.items()}
+
+
+def mean_metrics(collected: list[dict]) -> dict:
+  keys = {k for m in collected for k in m}
+  return {k: float(np.mean([float(m[k]) for m in collected if k in m])) for k in keys}
+
+
+@dataclasses.dataclass
+class RunState:
+  params: Any
+  opt_state: Any
+  ref_params: Any
+  global_step: int
+  stage_index: int
+  stage_step: int
+
+
+def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, batch, task,
+              processor, sampler: Sampler, config, mesh, rng_seed: int) -> dict:
+  loss_cfg, G = objective.loss, objective.group_size
+  t0 = time.perf_counter()
+  prepared = sampler.prepare(batch.arrays)
+  rollouts = sampler.sample_prepared(prepared, group_size=G, state=run.params,
+                                     key=jax.random.fold_in(jax.random.key(rng_seed),
+                                                            run.global_step))
+  texts = completion_texts(processor, sampler, rollouts)
+  t_sample = time.perf_counter() - t0
+  rewards, reward_metrics = score_rollouts(task, batch.records, texts, G)
+  lengths, truncated = np.asarray(rollouts.lengths_B), np.asarray(rollouts.truncated_B)
+  shaped = np.asarray(rl.shape_rewards(loss_cfg, objective.rollout.replace(
+      max_response_length=objective.max_new_tokens), jnp.asarray(rewards), jnp.asarray(lengths)))
+  P = len(batch.records)
+  advantages = np.asarray(rl.compute_advantages(loss_cfg, jnp.asarray(shaped).reshape(P, G)))
+  advantages = advantages.reshape(-1)
+  mask = np.asarray(rl.loss_mask(loss_cfg, rollouts.mask_BN, rollouts.truncated_B))
+  rows = {"tokens": np.asarray(rollouts.tokens_BN), "mask": np.asarray(rollouts.mask_BN),
+          "loss_mask": mask, "advantages": advantages,
+          "sampler_logprobs": np.asarray(rollouts.logprobs_BN), "old": None, "ref": None}
+  examples = batch.examples
+  micro_parts = config.train.num_minibatches * config.train.grad_accum_steps
+  all_prompts = prompt_subsets(P, micro_parts)
+  on_policy = config.train.ppo_epochs == 1 and config.train.num_minibatches == 1
+  needs_ref = loss_cfg.use_kl_loss or loss_cfg.use_kl_in_reward
+  if not on_policy or needs_ref:
+    old, ref = [], []
+    for seq, _ in micro_batches(examples, prepared, rows, all_prompts, G, sampler, mesh):
+      if not on_policy:
+        old.append(np.asarray(steps.logprobs(run.params, seq)))
+      if needs_ref:
+        ref.append(np.asarray(steps.logprobs(run.ref_params, seq)))
+    order = rows_of(np.concatenate(all_prompts), G)
+    for name, parts in (("old", old), ("ref", ref)):
+      if parts:
+        values = np.empty_like(rows["sampler_logprobs"])
+        values[order] = np.concatenate(parts)
+        rows[name] = values
+  if loss_cfg.use_kl_in_reward:
+    raise NotImplementedError("use_kl_in_reward needs the reference log-probs before the "
+                              "advantages; use use_kl_loss (the MetaphorStar recipe) for now.")
+
+  update_metrics, apply_metrics = [], {}
+  shuffle_rng = np.random.default_rng(rng_seed + run.global_step)
+  for _ in range(config.train.ppo_epochs):
+    for minibatch in prompt_subsets(P, config.train.num_minibatches, shuffle_rng):
+      minibatch = np.asarray(minibatch)
+      micro = np.split(minibatch, config.train.grad_accum_steps)
+      selected = rows_of(minibatch, G)
+      token_count = float(max(1.0, rows["loss_mask"][selected].sum()))
+      seq_count = float(len(selected))
+      grads = None
+      for seq, row_arrays in micro_batches(examples, prepared, rows, micro, G, sampler, mesh):
+        g, m = steps.grpo_grads(run.params, seq, row_arrays["advantages"], row_arrays["old"],
+                                row_arrays["ref"], row_arrays["sampler_logprobs"],
+                                row_arrays["loss_mask"], token_count, seq_count)
+        grads = g if grads is None else steps.accumulate(grads, g)
+        update_metrics.append(m)
+      run.params, run.opt_state, apply_metrics = steps.apply(run.params, run.opt_state, grads)
+  t_total = time.perf_counter() - t0
+  valid = rows["mask"].astype(bool)
+  new_tokens = int(valid.sum())
+  return {
+      "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+      **reward_metrics,
+      "accuracy": reward_metrics.get("reward/accuracy", float("nan")),
+      "response_length/mean": float(lengths.mean()), "response_length/max": int(lengths.max()),
+      "response_length/truncated_frac": float(truncated.mean()),
+      "advantages/abs_mean": float(np.abs(advantages).mean()),
+      **{k: v for k, v in mean_metrics(update_metrics).items()},
+      **{k: float(v) for k, v in apply_metrics.items()},
+      "rollout_tokens_per_s": new_tokens / max(t_sample, 1e-9),
+      "sample_seconds": t_sample, "step_seconds": t_total,
+  }
+
+
+def warmup_targets(records, config, rng: random.Random) -> list[str]:
+  """Format-only targets: the configured <think> text and a uniformly random answer."""
+  return [f"<think>{config.warmup.think}</think><answer>{rng.choice(tuple(config.warmup.answers))}"
+          f"</answer>" for _ in records]
+
+
+def sft_step(run: RunState, steps: step_lib.TrainSteps, batch, processor, sampler: Sampler,
+             config, mesh, rng_seed: int) -> dict:
+  t0 = time.perf_counter()
+  rng = random.Random(rng_seed * 1_000_003 + run.global_step)
+  targets = warmup_targets(batch.records, config, rng)
+  end = processor.special_tokens.im_end
+  encoded = [processor.tokenizer.encode(t, add_special_tokens=False).ids + [end] for t in targets]
+  width = max(map(len, encoded))
+  tokens = np.full((len(encoded), width), sampler.pad_id, np.int32)
+  mask = np.zeros((len(encoded), width), np.int32)
+  for row, ids in enumerate(encoded):
+    tokens[row, :len(ids)], mask[row, :len(ids)] = ids, 1
+  prepared = sampler.prepare(batch.arrays)
+  rows = {"tokens": tokens, "mask": mask}
+  parts = prompt_subsets(len(encoded), config.train.grad_accum_steps)
+  grads, collected = None, []
+  for seq, _ in micro_batches(batch.examples, prepared, rows, parts, 1, sampler, mesh):
+    g, m = steps.sft_grads(run.params, seq, float(mask.sum()))
+    grads = g if grads is None else steps.accumulate(grads, g)
+    collected.append(m)
+  run.params, run.opt_state, apply_metrics = steps.apply(run.params, run.opt_state, grads)
+  out = mean_metrics(collected)
+  out["sft_loss"] = float(sum(float(m["sft_loss"]) for m in collected))
+  return {**out, **{k: float(v) for k, v in apply_metrics.items()},
+          "step_seconds": time.perf_counter() - t0}
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def stage_optimizer(config, stage, params):
+  optim = ml_collections.ConfigDict(config.optim.to_dict())
+  optim.learning_rate = stage.learning_rate
+  optim.warmup_steps = stage.get("warmup_steps", 0)
+  optim.total_steps = stage.steps
+  optim.frozen = (r"^visual/",) if config.model.freeze_vision else ()
+  return optimizer.make_optimizer(optim, params)
+
+
+def checkpoint_arrays(run: RunState) -> dict:
+  arrays = {"params": nnx.to_pure_dict(run.params), "opt_state": run.opt_state}
+  if run.ref_params is not None:
+    arrays["ref_params"] = nnx.to_pure_dict(run.ref_params)
+  return arrays
+
+
+def restore_into(run: RunState, restored: dict) -> None:
+  nnx.replace_by_pure_dict(run.params, restored["params"])
+  run.opt_state = restored["opt_state"]
+  if "ref_params" in restored:
+    nnx.replace_by_pure_dict(run.ref_params, restored["ref_params"])
+
+
+def train(config: ml_collections.ConfigDict) -> dict:
+  """Runs every stage of `config`; returns the final metrics and evaluation results."""
+  workdir = config.workdir
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding_lib.make_mesh(**config.mesh.to_dict())
+  processor = build_processor(config)
+  model = build_model(config, mesh)
+  check_vocabulary(model, processor)
+  objective = build_objective(config)
+  task, train_records, eval_records = load_data(config)
+  logging.info("Task %s: %d training and %d evaluation records.", task.name, len(train_records),
+               len(eval_records))
+  graphdef, params = nnx.split(model)
+  sampler = Sampler(model, SamplingConfig(
+      max_new_tokens=objective.max_new_tokens, temperature=objective.temperature,
+      top_p=objective.top_p, top_k=objective.top_k), mesh=mesh)
+  eval_sampler = Sampler(model, SamplingConfig(max_new_tokens=objective.max_new_tokens,
+                                               greedy=config.eval.greedy), mesh=mesh)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  max_to_keep=config.checkpoint.keep,
+                                  async_save=config.checkpoint.async_save)
+  total_steps = sum(s.steps for s in config.stages)
+  writer = metrics_lib.MetricsWriter(workdir, total_steps=total_steps,
+                                     use_tensorboard=config.log.tensorboard,
+                                     wandb_project=config.log.wandb_project or None,
+                                     config=config.to_dict(), progress_bar=config.log.progress_bar)
+  run = RunState(params=params, opt_state=None, ref_params=None, global_step=0, stage_index=0,
+                 stage_step=0)
+  resume_step = ckpt.latest_step() if config.checkpoint.resume else None
+  resume_meta = ckpt.restore_meta(resume_step) if resume_step is not None else None
+  results: dict[str, Any] = {"evaluations": []}
+
+  def run_eval(tag: str) -> dict:
+    found = evaluate(task, eval_records, processor, eval_sampler, run.params,
+                     config.eval.batch_size)
+    logging.info("Evaluation (%s, step %d): %s", tag, run.global_step,
+                 json.dumps({k: round(v, 4) for k, v in found.items()}))
+    writer.write(run.global_step, {f"eval/{k}": v for k, v in found.items()})
+    results["evaluations"].append({"tag": tag, "step": run.global_step, **found})
+    return found
+
+  first_stage = resume_meta["stage_index"] if resume_meta else 0
+  run.global_step = sum(s.steps for s in config.stages[:first_stage])
+  for stage_index in range(first_stage, len(config.stages)):
+    stage = config.stages[stage_index]
+    run.stage_index, run.stage_step = stage_index, 0
+    tx = stage_optimizer(config, stage, run.params)
+    steps = step_lib.TrainSteps(graphdef, tx, objective.loss, temperature=objective.temperature,
+                                logit_chunk=config.train.logit_chunk)
+    run.opt_state = step_lib.init_optimizer_state(tx, run.params)
+    if stage.kind == "grpo" and (objective.loss.use_kl_loss or objective.loss.use_kl_in_reward):
+      run.ref_params = jax.tree.map(jnp.copy, run.params)  # frozen copy of the stage's start
+    else:
+      run.ref_params = None
+    stream = PromptStream(train_records, processor, task.build_conversation,
+                          batch_size=config.train.prompts_per_step,
+                          seed=config.seed + stage_index, shuffle=task.shuffle,
+                          max_prompt_tokens=config.data.max_prompt_tokens,
+                          num_workers=config.data.num_workers)
+    if resume_meta and resume_meta["stage_index"] == stage_index:
+      restored, data_state, _ = ckpt.restore(resume_step, checkpoint_arrays(run))
+      restore_into(run, restored)
+      stream.set_state(data_state)
+      run.stage_step = resume_meta["stage_step"]
+      run.global_step = resume_meta["global_step"]
+      logging.info("Resumed stage %s at its step %d (global %d).", stage.name, run.stage_step,
+                   run.global_step)
+      resume_meta = None
+    elif stage.kind == "grpo":
+      previous = f"after {config.stages[stage_index - 1].name}" if stage_index else None
+      results[f"before {stage.name}"] = (results[previous] if previous in results
+                                         else run_eval(f"before {stage.name}"))
+
+    while run.stage_step < stage.steps:
+      batch = stream.next_batch()
+      if stage.kind == "sft":
+        step_metrics = sft_step(run, steps, batch, processor, sampler, config, mesh, config.seed)
+      elif stage.kind == "grpo":
+        step_metrics = grpo_step(run, steps, objective, batch, task, processor, sampler, config,
+                                 mesh, config.seed)
+      else:
+        raise ValueError(f"Unknown stage kind {stage.kind!r}; use 'sft' or 'grpo'.")
+      run.stage_step += 1
+      run.global_step += 1
+      step_metrics["data/skipped"] = sum(stream.skipped.values())
+      step_metrics["stage"] = stage_index
+      if run.global_step % max(1, config.log.every) == 0:
+        results["last"] = writer.write(run.global_step, step_metrics)
+      if config.eval.every and run.stage_step % config.eval.every == 0 \
+          and run.stage_step < stage.steps:
+        run_eval(f"{stage.name} step {run.stage_step}")
+      if config.checkpoint.every and (run.stage_step % config.checkpoint.every == 0
+                                      or run.stage_step == stage.steps):
+        ckpt.save(run.global_step, checkpoint_arrays(run), stream.get_state(),
+                  {"stage_index": stage_index, "stage_step": run.stage_step,
+                   "global_step": run.global_step, "stage": stage.name})
+    if run.stage_step == stage.steps and stage_index + 1 < len(config.stages) and \
+        config.checkpoint.every:
+      ckpt.wait()
+    results[f"after {stage.name}"] = run_eval(f"after {stage.name}")
+  ckpt.close()
+  writer.close()
+  if config.log.plot:
+    history = metrics_lib.read_history(writer.history_path)
+    results["plot"] = metrics_lib.plot_history(history, os.path.join(workdir, "curves.png"))
+  results["final_params"] = run.params
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  start = time.perf_counter()
+  results = train(config)
+  summary = {k: v for k, v in results.items() if k not in ("final_params", "evaluations")}
+  summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+  print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+  app.run(main)

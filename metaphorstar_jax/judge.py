@@ -1,0 +1,457 @@
+"""An LLM judge behind any OpenAI-compatible chat endpoint, for open-ended answers (spec §1.8).
+
+MetaphorStar's OSQ benchmark has no rule-based answer: a vision LLM (GPT-4o in the paper) reads
+the image, the human reference interpretation and the model's interpretation, and grades the
+latter from 1 to 5; each answer is judged several times and the grades averaged.
+
+    judge = Judge(JudgeConfig.resolve(config.get("judge")))   # URL/model/key: config, then env
+    verdicts = judge.judge_many([JudgeItem(question, reference, answer, images), ...])
+    verdicts[0].score      # mean of the parsable grades, None if no repeat gave one
+
+Endpoint: `POST {base_url}/chat/completions` with the image as a base64 data URL in the OpenAI
+vision message format, so OpenAI, Azure-style proxies, vLLM and SGLang servers all work. When the
+config leaves them empty, URL, model and key come from METAPHORSTAR_JUDGE_URL, _MODEL and
+_API_KEY. The key is sent as a bearer token and never written to the cache or the logs.
+
+Why only the standard library (urllib): a judge call is one JSON POST. The `openai` client would
+pull httpx, pydantic and their pins into every install (TPU images included) for that one call,
+and its own retry policy would hide the retries we count. urllib gives us explicit timeouts,
+retries and error messages in a few lines.
+
+Robustness:
+* Server errors (HTTP 5xx, 429), connection errors and timeouts are retried with exponential
+  backoff; after the last retry a JudgeError says what failed and where.
+* Other HTTP errors (401 bad key, 404 wrong URL or model) fail at once: retrying cannot help.
+* A reply without a parsable 1-5 grade is counted as malformed and scored as missing; it never
+  stops an evaluation.
+* Every reply is appended to a JSONL cache keyed by a hash of (model, prompt, answer, image bytes,
+  repeat index), so an interrupted evaluation resumes without asking again.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import dataclasses
+import hashlib
+import http.client
+import json
+import os
+import random
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import logging
+
+from metaphorstar_jax.rewards.tags import as_text, last_tag_content
+from metaphorstar_jax.tasks import io as task_io
+
+ENV_URL = "METAPHORSTAR_JUDGE_URL"
+ENV_MODEL = "METAPHORSTAR_JUDGE_MODEL"
+ENV_API_KEY = "METAPHORSTAR_JUDGE_API_KEY"
+RETRYABLE_STATUS = (408, 429)  # besides every 5xx: timeouts and rate limits pass with time
+
+# Our own rubric. It grades what MetaphorStar's OSQ judge grades (spec §1.8): the visible content,
+# the emotion, the domain and context, the rhetorical devices and, above all, the implication.
+RUBRIC = """You are grading an interpretation of an image. The image is attached. A person wrote \
+the reference interpretation; a model wrote the candidate. Judge the candidate against the image \
+and the reference.
+
+What to weigh, most important first:
+1. Implication: does the candidate grasp the message, metaphor or point the image makes?
+2. Rhetorical devices: does it see how the image makes that point (symbol, contrast, irony, \
+exaggeration, juxtaposition, wordplay)?
+3. Domain and context: does it place the image in the right setting (society, daily life, \
+psychology, art, environment, ...)?
+4. Emotion: does it name the attitude or feeling the image conveys?
+5. Surface: does it read the visible elements and any text in the image correctly?
+
+Grades:
+1 - misreads the image or its message; at most a shallow description.
+2 - a fair description, but the implication is missing or mostly wrong.
+3 - part of the implication is right; clear gaps or errors remain.
+4 - the main implication and most of its nuances are right; small omissions only.
+5 - agrees with the reference in substance, deeper meaning included.
+
+Judge the substance only: neither length nor style earns or loses points.
+
+Question asked: {question}
+
+Reference interpretation: {reference}
+
+Candidate interpretation: {answer}
+
+Reply with the grade alone, in the form [N points], for example [3 points]."""
+
+_BRACKETED = re.compile(r"\[\s*(\d+)\s*points?\s*\]", re.IGNORECASE)
+_FIRST_INTEGER = re.compile(r"\d+")
+
+
+class JudgeError(RuntimeError):
+  """The judge could not be reached or refused the request; the message says what to check."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+  """Where the judge is and how it is asked.
+
+  Attributes:
+    base_url: e.g. "https://api.openai.com/v1" or "http://127.0.0.1:8000/v1"; "/chat/completions"
+      is appended.
+    model: the judge model name, e.g. "gpt-4o-2024-11-20" (MetaphorStar's, spec §1.8).
+    api_key: bearer token; empty sends none (local servers).
+    repeats: judgements per answer, averaged (spec §1.8: at least 3).
+    temperature, top_p: the judge's sampling (spec §1.8: 0 and 0.9).
+    max_tokens: reply budget; the grade needs a few tokens.
+    image_detail: OpenAI vision detail level (spec §1.8: "high").
+    min_score, max_score: the grade range; a grade outside it counts as malformed.
+    timeout_s: seconds per HTTP request.
+    max_retries: retries after a failed request (server error, connection error, timeout).
+    backoff_s, max_backoff_s: the first retry waits about backoff_s, doubling up to max_backoff_s.
+    concurrency: requests in flight at once.
+    cache_path: JSONL cache of replies; empty: no cache.
+    answer_only: send only the candidate's last <answer>...</answer> when it has one.
+  """
+
+  base_url: str = ""
+  model: str = ""
+  api_key: str = dataclasses.field(default="", repr=False)
+  repeats: int = 3
+  temperature: float = 0.0
+  top_p: float = 0.9
+  max_tokens: int = 32
+  image_detail: str = "high"
+  min_score: int = 1
+  max_score: int = 5
+  timeout_s: float = 60.0
+  max_retries: int = 4
+  backoff_s: float = 1.0
+  max_backoff_s: float = 30.0
+  concurrency: int = 4
+  cache_path: str = ""
+  answer_only: bool = True
+
+  def __post_init__(self):
+    if self.repeats < 1 or self.concurrency < 1 or self.max_retries < 0:
+      raise ValueError(f"JudgeConfig needs repeats >= 1, concurrency >= 1 and max_retries >= 0; "
+                       f"got {self.repeats}, {self.concurrency} and {self.max_retries}.")
+    if self.timeout_s <= 0 or self.min_score > self.max_score:
+      raise ValueError(f"JudgeConfig needs timeout_s > 0 and min_score <= max_score; got "
+                       f"{self.timeout_s}, {self.min_score} and {self.max_score}.")
+
+  @property
+  def configured(self) -> bool:
+    return bool(self.base_url and self.model)
+
+  @classmethod
+  def resolve(cls, values: Mapping[str, Any] | None = None,
+              environ: Mapping[str, str] | None = None) -> JudgeConfig:
+    """Fields from `values` (e.g. `config.judge`), with URL, model and key taken from the
+    environment where `values` leaves them empty. Unknown field names raise."""
+    values = dict(values or {})
+    names = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"Unknown judge setting(s) {unknown}; known ones are {sorted(names)}.")
+    environ = os.environ if environ is None else environ
+    for name, variable in (("base_url", ENV_URL), ("model", ENV_MODEL), ("api_key", ENV_API_KEY)):
+      if not values.get(name):
+        values[name] = environ.get(variable, "")
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeItem:
+  """One answer to grade: the question, the reference answer, the candidate and its images
+  (encoded bytes or PIL images)."""
+
+  question: str
+  reference: str
+  answer: str
+  images: tuple[Any, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+  """The judge's grades of one answer.
+
+  Attributes:
+    score: mean of the parsable grades; None when no repeat gave one (scored as missing).
+    grades: one per repeat; None where the reply had no grade in range.
+    replies: the raw replies, one per repeat.
+  """
+
+  score: float | None
+  grades: tuple[int | None, ...]
+  replies: tuple[str, ...]
+
+  @property
+  def malformed(self) -> int:
+    return sum(grade is None for grade in self.grades)
+
+
+def parse_grade(reply: Any, min_score: int = 1, max_score: int = 5) -> int | None:
+  """The grade in a judge reply, or None.
+
+  "[N points]" wins when present; otherwise the first integer, the rule MetaphorStar's scorer
+  applies (spec §1.8). A grade outside [min_score, max_score] is None.
+  """
+  text = as_text(reply)
+  match = _BRACKETED.search(text) or _FIRST_INTEGER.search(text)
+  if match is None:
+    return None
+  grade = int(match.group(1) if match.re is _BRACKETED else match.group())
+  return grade if min_score <= grade <= max_score else None
+
+
+def candidate_text(completion: Any, answer_only: bool = True) -> str:
+  """What the judge reads of a completion: its last <answer> span if asked and present, else all."""
+  text = as_text(completion)
+  if answer_only:
+    inside = last_tag_content(text, "answer")
+    if inside is not None and inside.strip():
+      return inside.strip()
+  return text.strip()
+
+
+def _image_bytes(image: Any) -> bytes:
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    return bytes(image)
+  return task_io.png_bytes(task_io.to_pil(image))
+
+
+def _mime_type(data: bytes) -> str:
+  if data.startswith(b"\xff\xd8"):
+    return "image/jpeg"
+  if data.startswith(b"GIF8"):
+    return "image/gif"
+  if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    return "image/webp"
+  return "image/png"
+
+
+def build_messages(prompt: str, images: Sequence[bytes], detail: str) -> list[dict[str, Any]]:
+  """One user message: the rubric text, then each image as a base64 data URL."""
+  content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
+  for data in images:
+    url = f"data:{_mime_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
+    content.append({"type": "image_url", "image_url": {"url": url, "detail": detail}})
+  return [{"role": "user", "content": content}]
+
+
+def cache_key(model: str, prompt: str, answer: str, images: Sequence[bytes], repeat: int) -> str:
+  """sha256 over the judge model, the prompt, the answer, every image's bytes and the repeat."""
+  digest = hashlib.sha256()
+  for part in (model, prompt, answer):
+    encoded = part.encode("utf-8")
+    digest.update(len(encoded).to_bytes(8, "little") + encoded)
+  for data in images:
+    digest.update(len(data).to_bytes(8, "little") + hashlib.sha256(data).digest())
+  digest.update(repeat.to_bytes(4, "little"))
+  return digest.hexdigest()
+
+
+def _reply_content(body: Any) -> str | None:
+  """choices[0].message.content of a chat-completions body (string or list of text parts)."""
+  try:
+    content = body["choices"][0]["message"]["content"]
+  except (KeyError, IndexError, TypeError):
+    return None
+  if isinstance(content, list):
+    content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+  return content if isinstance(content, str) else None
+
+
+class Judge:
+  """Grades answers through the configured endpoint, with retries and an on-disk cache.
+
+  `stats` counts, since construction: requests sent (retries included), retries, replies read
+  from the cache, and malformed replies.
+  """
+
+  def __init__(self, config: JudgeConfig):
+    if not config.configured:
+      raise JudgeError(f"No judge configured: set judge.base_url and judge.model in the config, or "
+                       f"the environment variables {ENV_URL} and {ENV_MODEL} (and {ENV_API_KEY} "
+                       "if the endpoint needs a key).")
+    self.config = config
+    self.url = config.base_url.rstrip("/") + "/chat/completions"
+    self.stats = {"requests": 0, "retries": 0, "cache_hits": 0, "malformed": 0}
+    self._lock = threading.Lock()
+    self._abort = threading.Event()  # set by the first failed job; the queued ones then stop
+    self._cache: dict[str, dict[str, Any]] = {}
+    if config.cache_path:
+      self._cache = self._read_cache(config.cache_path)
+
+  # --- cache ------------------------------------------------------------------------------------
+
+  @staticmethod
+  def _read_cache(path: str) -> dict[str, dict[str, Any]]:
+    entries: dict[str, dict[str, Any]] = {}
+    if not os.path.exists(path):
+      return entries
+    with open(path, encoding="utf-8") as handle:
+      for number, line in enumerate(handle, 1):
+        try:
+          entry = json.loads(line)
+          entries[entry["key"]] = entry
+        except (json.JSONDecodeError, KeyError, TypeError):
+          # A run killed mid-write leaves a partial last line; that answer is asked again.
+          logging.warning("Ignoring unreadable line %d of the judge cache %s.", number, path)
+    logging.info("Judge cache %s holds %d replies.", path, len(entries))
+    return entries
+
+  def _remember(self, entry: dict[str, Any]) -> None:
+    with self._lock:
+      self._cache[entry["key"]] = entry
+      if self.config.cache_path:
+        os.makedirs(os.path.dirname(os.path.abspath(self.config.cache_path)), exist_ok=True)
+        with open(self.config.cache_path, "a", encoding="utf-8") as handle:
+          handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+  def _count(self, name: str, amount: int = 1) -> None:
+    with self._lock:
+      self.stats[name] += amount
+
+  # --- HTTP -------------------------------------------------------------------------------------
+
+  def _backoff(self, attempt: int, retry_after: str | None) -> float:
+    delay = min(self.config.max_backoff_s, self.config.backoff_s * 2 ** attempt)
+    delay *= 0.5 + 0.5 * random.random()  # jitter: concurrent clients do not retry in lockstep
+    if retry_after:
+      try:
+        delay = max(delay, min(float(retry_after), self.config.max_backoff_s))
+      except ValueError:
+        pass
+    return delay
+
+  def _post(self, payload: dict[str, Any]) -> Any:
+    """The decoded JSON body of a successful request (None if it is not JSON); retries
+    retryable failures and raises JudgeError once they are spent."""
+    data = json.dumps(payload).encode("utf-8")
+    headers = {"Content-Type": "application/json"}
+    if self.config.api_key:
+      headers["Authorization"] = f"Bearer {self.config.api_key}"
+    attempts = self.config.max_retries + 1
+    last_error = ""
+    for attempt in range(attempts):
+      if attempt:
+        self._count("retries")
+      self._count("requests")
+      retry_after = None
+      request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+      try:
+        with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
+          body = response.read()
+        try:
+          return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+          return None  # a 200 that is not JSON: the reply is malformed, not the server down
+      except urllib.error.HTTPError as error:
+        detail = error.read(300).decode("utf-8", errors="replace").strip()
+        if error.code < 500 and error.code not in RETRYABLE_STATUS:
+          raise JudgeError(f"The judge at {self.url} refused the request with HTTP {error.code}: "
+                           f"{detail!r}. Check the URL, the model name ({self.config.model!r}) "
+                           f"and the API key ({ENV_API_KEY}).") from error
+        last_error = f"HTTP {error.code} {detail!r}"
+        retry_after = error.headers.get("Retry-After") if error.headers else None
+      except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out
+        last_error = f"{type(error).__name__}: {error}"
+      if attempt + 1 < attempts:
+        delay = self._backoff(attempt, retry_after)
+        logging.warning("Judge request failed (%s); retry %d/%d in %.1f s.", last_error,
+                        attempt + 1, self.config.max_retries, delay)
+        time.sleep(delay)
+    raise JudgeError(f"The judge at {self.url} failed {attempts} time(s) in a row; last error: "
+                     f"{last_error}. Check that the server is up and reachable (timeout "
+                     f"{self.config.timeout_s} s). Replies received so far are cached"
+                     + (f" in {self.config.cache_path}" if self.config.cache_path else
+                        " only in memory (set judge.cache_path to keep them)") + ".")
+
+  # --- judging ----------------------------------------------------------------------------------
+
+  def _ask(self, prompt: str, answer: str, images: Sequence[bytes], repeat: int) -> str:
+    key = cache_key(self.config.model, prompt, answer, images, repeat)
+    with self._lock:
+      cached = self._cache.get(key)
+    if cached is not None:
+      self._count("cache_hits")
+      return cached["reply"]
+    payload = {"model": self.config.model,
+               "messages": build_messages(prompt, images, self.config.image_detail),
+               "temperature": self.config.temperature, "top_p": self.config.top_p,
+               "max_tokens": self.config.max_tokens}
+    reply = _reply_content(self._post(payload))
+    reply = "" if reply is None else reply
+    self._remember({"key": key, "model": self.config.model, "repeat": repeat, "reply": reply})
+    return reply
+
+  def _grade(self, item: JudgeItem, repeat: int) -> tuple[int | None, str]:
+    if self._abort.is_set():
+      raise JudgeError("Stopped after an earlier judge request failed.")
+    answer = candidate_text(item.answer, self.config.answer_only)
+    prompt = RUBRIC.format(question=as_text(item.question).strip(),
+                           reference=as_text(item.reference).strip(), answer=answer)
+    images = [_image_bytes(image) for image in item.images]
+    try:
+      reply = self._ask(prompt, answer, images, repeat)
+    except JudgeError:
+      self._abort.set()
+      raise
+    grade = parse_grade(reply, self.config.min_score, self.config.max_score)
+    if grade is None:
+      self._count("malformed")
+      logging.warning("Judge reply without a grade in [%d, %d]: %r", self.config.min_score,
+                      self.config.max_score, reply[:200])
+    return grade, reply
+
+  def judge_many(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+    """One Verdict per item, in order; `config.repeats` judgements each, `concurrency` at once.
+
+    Raises:
+      JudgeError: when a request still fails after its retries (replies already received stay
+        in the cache).
+    """
+    repeats = self.config.repeats
+    self._abort.clear()
+    jobs = [(index, repeat) for index in range(len(items)) for repeat in range(repeats)]
+    with concurrent.futures.ThreadPoolExecutor(self.config.concurrency) as pool:
+      futures = [pool.submit(self._grade, items[index], repeat) for index, repeat in jobs]
+      try:
+        results = [future.result() for future in futures]
+      except BaseException:
+        self._abort.set()  # a dead judge fails fast instead of retrying every job in turn
+        for future in futures:
+          future.cancel()
+        raise
+    verdicts = []
+    for index in range(len(items)):
+      graded = results[index * repeats:(index + 1) * repeats]
+      grades = tuple(grade for grade, _ in graded)
+      valid = [grade for grade in grades if grade is not None]
+      verdicts.append(Verdict(score=sum(valid) / len(valid) if valid else None, grades=grades,
+                              replies=tuple(reply for _, reply in graded)))
+    return verdicts
+
+  def judge(self, item: JudgeItem) -> Verdict:
+    return self.judge_many([item])[0]
+
+
+def verdict_metrics(verdicts: Sequence[Verdict], prefix: str = "judge") -> dict[str, float]:
+  """Summary of `verdicts`: the mean score over answers with a grade, the same with missing
+  answers counted as 0 (MetaphorStar's averaging), and counts of missing answers and malformed
+  replies."""
+  scores = [v.score for v in verdicts if v.score is not None]
+  total = len(verdicts)
+  return {
+      f"{prefix}/score": sum(scores) / len(scores) if scores else float("nan"),
+      f"{prefix}/score_missing_as_zero": sum(scores) / total if total else float("nan"),
+      f"{prefix}/missing": float(total - len(scores)),
+      f"{prefix}/malformed_replies": float(sum(v.malformed for v in verdicts)),
+      f"{prefix}/judged": float(total),
+  }

@@ -1,0 +1,171 @@
+"""Every config in configs/ builds a valid objective (per stage too), in full and smoke mode, and
+the paper configs hold the numbers of specs/seed_methods.md."""
+
+import glob
+import importlib.util
+import inspect
+import os
+
+import ml_collections
+import pytest
+
+from metaphorstar_jax import evaluate, rl, train
+from metaphorstar_jax.tasks import get_task
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+STAGE_KINDS = ("sft", "grpo")
+# Per-stage fields the staged configs use (documented in configs/cinema_7b.py).
+STAGE_FIELDS = {"name", "kind", "steps", "learning_rate", "warmup_steps", "rl_preset",
+                "rl_overrides", "group_size", "prompts_per_step", "gen_prompts_per_step",
+                "tree_rollout", "sft_data"}
+
+
+def load(name_or_path, smoke=False):
+  path = name_or_path if os.path.isabs(name_or_path) else os.path.join(CONFIG_DIR, name_or_path)
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if "smoke" in inspect.signature(module.get_config).parameters:
+    return module.get_config(smoke=smoke)
+  return module.get_config()
+
+
+def stage_config(config, stage):
+  """The config as the trainer sees it during `stage`: its per-stage fields applied."""
+  staged = ml_collections.ConfigDict(config.to_dict())
+  if "rl_preset" in stage:
+    staged.rl.preset = stage.rl_preset
+  if "rl_overrides" in stage:
+    staged.rl.overrides = {**dict(config.rl.overrides), **dict(stage.rl_overrides)}
+  if "group_size" in stage:
+    staged.rl.group_size = stage.group_size
+  if "prompts_per_step" in stage:
+    staged.train.prompts_per_step = stage.prompts_per_step
+  return staged
+
+
+def test_there_are_configs():
+  names = {os.path.basename(p) for p in CONFIG_FILES}
+  assert {"tfq_grpo_tiny.py", "tfq_grpo_3b.py", "tfq_grpo_7b.py", "tfq_grpo_32b.py",
+          "rewardmap_7b.py", "star_r1_7b.py", "cinema_7b.py"} <= names
+
+
+@pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_config_builds_valid_objectives(path, smoke):
+  config = load(path, smoke)
+  train.build_objective(config)
+  evaluate.sampling_config(config)
+  get_task(config.data.task, **dict(config.data.task_options))
+  assert config.stages, "a config needs at least one stage"
+  for stage in config.stages:
+    assert stage.kind in STAGE_KINDS, stage.kind
+    assert set(stage.keys()) <= STAGE_FIELDS, set(stage.keys()) - STAGE_FIELDS
+    assert stage.steps > 0 and stage.learning_rate > 0
+    staged = stage_config(config, stage)
+    objective = train.build_objective(staged)
+    prompts = staged.train.prompts_per_step
+    if stage.kind == "grpo":
+      assert objective.group_size >= 2, "GRPO needs at least two samples per prompt"
+      parts = staged.train.num_minibatches * staged.train.grad_accum_steps
+      assert prompts % parts == 0, (prompts, parts)
+      if objective.loss.overlong_buffer:
+        assert objective.loss.overlong_buffer_len < objective.max_new_tokens
+      if "tree_rollout" in stage:
+        tree = stage.tree_rollout
+        assert tree.num_roots * (1 + tree.branches) == objective.group_size
+      if "gen_prompts_per_step" in stage:
+        assert stage.gen_prompts_per_step >= prompts
+    else:
+      assert prompts % staged.train.grad_accum_steps == 0
+  if smoke:
+    assert config.model.preset == "tiny" and not config.model.hf_path
+    assert all(s.steps <= 2 for s in config.stages)
+
+
+@pytest.mark.parametrize("size", ["3b", "7b", "32b"])
+def test_metaphorstar_numbers(size):
+  config = load(f"tfq_grpo_{size}.py")
+  objective = train.build_objective(config)
+  loss = objective.loss
+  assert config.model.preset == size  # §1.3
+  assert config.rl.preset == "metaphorstar"
+  assert (loss.clip_ratio_low, loss.clip_ratio_high, loss.clip_ratio_c) == (0.2, 0.3, 3.0)  # §1.3
+  assert loss.use_kl_loss and loss.kl_loss_type == "low_var_kl" and loss.kl_loss_coef == 1e-2
+  assert loss.loss_agg_mode == "token-mean" and not loss.use_kl_in_reward  # §1.3
+  assert (objective.group_size, objective.temperature, objective.top_p) == (5, 1.0, 0.99)  # §1.4
+  assert objective.max_new_tokens == 2048 and config.data.max_prompt_tokens == 5500  # §1.4
+  assert (config.image.min_pixels, config.image.max_pixels) == (512 ** 2, 2048 ** 2)  # §1.4
+  assert config.train.prompts_per_step == 64  # §1.4 rollout_batch_size
+  assert config.train.prompts_per_step // config.train.num_minibatches == 32  # §1.4 global batch
+  assert config.train.ppo_epochs == 1
+  [stage] = config.stages  # §1.3: no SFT
+  assert (stage.kind, stage.steps, stage.learning_rate, stage.warmup_steps) == (
+      "grpo", 75, 1e-6, 0)  # §1.4: 5 epochs × 15 steps
+  assert config.optim.schedule == "constant" and config.optim.weight_decay == 1e-2  # §1.4
+  assert config.optim.grad_clip_norm == 1.0
+  assert config.model.remat and not config.model.freeze_vision  # §1.4
+  assert (config.eval.every, config.checkpoint.every, config.checkpoint.keep) == (5, 5, 3)
+  assert config.data.task == "tfq" and get_task("tfq").options.format_weight == 0.5  # §1.6
+  sampling = evaluate.sampling_config(config)
+  assert (sampling.greedy, sampling.temperature, sampling.top_p) == (False, 0.5, 0.9)  # §1.8
+  assert config.judge.model == "gpt-4o-2024-11-20" and config.judge.repeats >= 3  # §1.8
+  assert (config.judge.temperature, config.judge.top_p) == (0.0, 0.9)  # §1.8
+  assert rl.preset("metaphorstar").rollout.val_temperature == 0.5  # §1.4 validation
+
+
+def test_rewardmap_numbers():
+  config = load("rewardmap_7b.py")
+  objective = train.build_objective(config)
+  loss = objective.loss
+  assert config.model.preset == "7b" and config.data.task == "reasonmap"  # §2.3
+  assert objective.group_size == 4 and (objective.temperature, objective.top_p) == (1.0, 1.0)
+  assert loss.adv_estimator == "grpo" and loss.norm_adv_by_std_in_grpo  # §2.3 z-score
+  assert loss.use_kl_loss and loss.kl_loss_coef == 1e-2 and not loss.use_kl_in_reward  # §2.3
+  assert loss.entropy_coeff == 1e-3  # §2.3
+  assert (loss.clip_ratio_low, loss.clip_ratio_high) == (0.2, 0.2)  # §2.3
+  assert config.train.prompts_per_step == 16 and config.train.num_minibatches == 1  # §2.3
+  assert config.stages[0].learning_rate == 1e-6 and config.optim.weight_decay == 1e-2  # §2.3
+  assert config.data.max_prompt_tokens == 20000 and objective.max_new_tokens == 2048  # §2.3
+  assert (config.image.min_pixels, config.image.max_pixels) == (3136, 128450560)  # §2.3
+  assert config.eval.every == 0 and config.checkpoint.every == 100  # §2.3
+  task = get_task("reasonmap", **dict(config.data.task_options))
+  assert task.options.curriculum == "rewardmap" and not task.shuffle  # §2.4
+  assert task.options.difficulty_aware and task.options.format_bonus == 0.0  # §2.5
+
+
+def test_star_r1_numbers():
+  config = load("star_r1_7b.py")
+  assert [s.kind for s in config.stages] == ["grpo"]  # §3.3: single-stage RL, no SFT
+  options = get_task("tvr", **dict(config.data.task_options)).options
+  assert (options.full_match, options.index_attribute_match, options.index_match) == (
+      5.0, 1.5, 0.5)  # §3.3
+  assert options.format_weight == 1.0  # §3.3: R = R_format + R_acc
+  assert config.image.max_pixels == 320 * 240  # §3.2
+  assert config.model.preset == "7b"  # §3.1
+
+
+def test_cinema_stages_and_numbers():
+  config = load("cinema_7b.py")
+  cold, explore, dapo = config.stages
+  assert [s.kind for s in config.stages] == ["sft", "grpo", "grpo"]  # §4.2
+  assert explore.steps == 300  # §4.3: stage 2 starts from stage 1's step 300
+  tree = explore.tree_rollout
+  assert (tree.num_roots, tree.branches, tree.entropy_top_k) == (4, 3, 20)  # §4.3
+  for stage in (explore, dapo):
+    staged = stage_config(config, stage)
+    objective = train.build_objective(staged)
+    loss = objective.loss
+    assert stage.rl_preset == "dapo" and objective.group_size == 16  # §4.3
+    assert (loss.clip_ratio_low, loss.clip_ratio_high, loss.clip_ratio_c) == (0.2, 0.28, 10.0)
+    assert not loss.use_kl_loss and not loss.use_kl_in_reward and loss.entropy_coeff == 0.0
+    assert loss.filter_groups and loss.max_num_gen_batches == 10  # §4.3
+    assert loss.overlong_buffer and loss.overlong_buffer_len == 512  # §4.3
+    assert loss.overlong_penalty_factor == 1.0 and loss.loss_agg_mode == "token-mean"
+    assert (stage.learning_rate, stage.warmup_steps) == (1e-6, 10)  # §4.3
+    assert (stage.prompts_per_step, stage.gen_prompts_per_step) == (512, 1024)  # §4.3
+    assert (objective.temperature, objective.top_p) == (1.0, 1.0)  # §4.3
+  assert config.train.prompts_per_step // config.train.num_minibatches == 32  # §4.3 mini-batch
+  assert config.optim.weight_decay == 0.1 and config.optim.grad_clip_norm == 1.0  # §4.3
+  assert cold.sft_data == ""

@@ -1,0 +1,261 @@
+"""The OSQ judge client against a scripted OpenAI-style server on 127.0.0.1.
+
+`JudgeServer` (also used by test_evaluate.py) answers POST /v1/chat/completions from a thread on
+an ephemeral port. Each request takes the next planned action (a reply text, an HTTP status, a
+non-JSON body, or a delay), else the default reply; it serves at most `max_requests` and shuts
+down when its `with` block ends.
+"""
+
+import base64
+import collections
+import http.server
+import json
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from metaphorstar_jax import judge as judge_lib
+from metaphorstar_jax.tasks import io as task_io
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+  daemon_threads = True
+
+  def handle_error(self, request, client_address):
+    pass  # a client that timed out closes its socket; writing the late reply then fails
+
+
+class JudgeServer:
+  """A scripted chat-completions endpoint; `requests` holds (headers, JSON body) of each call."""
+
+  def __init__(self, default_reply="[4 points]", max_requests=200):
+    self.default_reply = default_reply
+    self.max_requests = max_requests
+    self.plan = collections.deque()
+    self.requests = []
+    self._lock = threading.Lock()
+    owner = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def log_message(self, *args):  # keep test output quiet
+        pass
+
+      def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with owner._lock:
+          owner.requests.append((dict(self.headers), json.loads(body)))
+          count = len(owner.requests)
+          action = owner.plan.popleft() if owner.plan else ("reply", None)
+        if self.path != "/v1/chat/completions":
+          return self._send(404, b'{"error": "no such route"}')
+        if count > owner.max_requests:
+          return self._send(400, b'{"error": "request budget of the test server spent"}')
+        kind, value = action
+        if kind == "status":
+          return self._send(value, b'{"error": "planned failure"}')
+        if kind == "garbage":
+          return self._send(200, b"<html>not json</html>")
+        if kind == "sleep":
+          time.sleep(value)
+          value = None
+        reply = value if value is not None else owner.default_reply
+        if callable(reply):
+          reply = reply(json.loads(body))
+        payload = {"id": f"test-{count}", "object": "chat.completion",
+                   "choices": [{"index": 0, "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": reply}}]}
+        return self._send(200, json.dumps(payload).encode())
+
+      def _send(self, status, data):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    self._server = _QuietServer(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+    self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._server.shutdown()
+    self._server.server_close()
+    self._thread.join(timeout=5)
+
+  def then(self, *actions):
+    """Plans the next requests' actions, e.g. then(("status", 500), ("reply", "[2 points]"))."""
+    self.plan.extend(actions)
+    return self
+
+
+@pytest.fixture
+def server():
+  with JudgeServer() as running:
+    yield running
+
+
+def make_judge(server, **changes):
+  values = dict(base_url=server.url, model="test-judge", api_key="secret", repeats=1,
+                concurrency=1, timeout_s=5.0, max_retries=2, backoff_s=0.01, max_backoff_s=0.05)
+  values.update(changes)
+  return judge_lib.Judge(judge_lib.JudgeConfig(**values))
+
+
+IMAGE = task_io.png_bytes(Image.new("RGB", (8, 8), (200, 30, 30)))
+ITEM = judge_lib.JudgeItem(question="What is the implication in this image?",
+                           reference="Greed consumes the greedy.",
+                           answer="<think>a red square</think><answer>Greed backfires.</answer>",
+                           images=(IMAGE,))
+
+
+def test_success_sends_rubric_image_and_settings(server):
+  judge = make_judge(server, repeats=3)
+  verdict = judge.judge(ITEM)
+  assert verdict.score == 4.0 and verdict.grades == (4, 4, 4) and verdict.malformed == 0
+  assert len(server.requests) == 3
+  headers, body = server.requests[0]
+  assert headers["Authorization"] == "Bearer secret"
+  assert body["model"] == "test-judge"
+  assert body["temperature"] == 0.0 and body["top_p"] == 0.9
+  text, image = body["messages"][0]["content"]
+  assert "Greed consumes the greedy." in text["text"]
+  assert "Greed backfires." in text["text"] and "a red square" not in text["text"]
+  assert text["text"].rstrip().endswith("for example [3 points].")
+  prefix = "data:image/png;base64,"
+  assert image["type"] == "image_url" and image["image_url"]["detail"] == "high"
+  assert image["image_url"]["url"].startswith(prefix)
+  assert base64.b64decode(image["image_url"]["url"][len(prefix):]) == IMAGE
+  assert judge.stats == {"requests": 3, "retries": 0, "cache_hits": 0, "malformed": 0}
+
+
+def test_retries_after_server_error(server):
+  server.then(("status", 500), ("status", 503), ("reply", "[2 points]"))
+  judge = make_judge(server)
+  assert judge.judge(ITEM).score == 2.0
+  assert len(server.requests) == 3
+  assert judge.stats["retries"] == 2
+
+
+def test_clear_error_after_last_retry(server):
+  server.then(*[("status", 500)] * 3)
+  judge = make_judge(server, max_retries=2)
+  with pytest.raises(judge_lib.JudgeError, match=r"failed 3 time\(s\).*HTTP 500"):
+    judge.judge(ITEM)
+  assert len(server.requests) == 3
+
+
+def test_client_error_is_not_retried(server):
+  server.then(("status", 401))
+  with pytest.raises(judge_lib.JudgeError, match="HTTP 401.*API key"):
+    make_judge(server).judge(ITEM)
+  assert len(server.requests) == 1
+
+
+def test_connection_refused_is_retried_then_reported():
+  with JudgeServer() as gone:
+    url = gone.url
+  judge = judge_lib.Judge(judge_lib.JudgeConfig(base_url=url, model="m", repeats=1,
+                                                max_retries=1, backoff_s=0.01, timeout_s=1.0))
+  with pytest.raises(judge_lib.JudgeError, match="failed 2 time"):
+    judge.judge(ITEM)
+  assert judge.stats["requests"] == 2
+
+
+def test_malformed_replies_are_counted_and_missing(server):
+  server.then(("reply", "I would rather not grade this."), ("garbage", None),
+              ("reply", "[9 points]"), ("reply", "[5 points]"))
+  judge = make_judge(server, repeats=2)
+  other = judge_lib.JudgeItem(ITEM.question, ITEM.reference, "Another reading.", ITEM.images)
+  first, second = judge.judge_many([ITEM, other])
+  assert first.score is None and first.grades == (None, None) and first.malformed == 2
+  assert second.score == 5.0 and second.grades == (None, 5)
+  metrics = judge_lib.verdict_metrics([first, second])
+  assert metrics["judge/score"] == 5.0
+  assert metrics["judge/score_missing_as_zero"] == 2.5
+  assert metrics["judge/missing"] == 1 and metrics["judge/malformed_replies"] == 3
+  assert judge.stats["malformed"] == 3
+
+
+def test_cache_resumes_an_interrupted_run(server, tmp_path):
+  cache = str(tmp_path / "judge_cache.jsonl")
+  items = [judge_lib.JudgeItem("q", "ref", f"answer {i}", (IMAGE,)) for i in range(3)]
+  server.then(("reply", "[1 points]"), ("reply", "[2 points]"), ("reply", "[3 points]"),
+              ("status", 500))
+  interrupted = make_judge(server, repeats=2, max_retries=0, cache_path=cache)
+  with pytest.raises(judge_lib.JudgeError):
+    interrupted.judge_many(items)
+  assert len(server.requests) == 4
+  with open(cache) as handle:
+    text = handle.read()
+  assert len(text.splitlines()) == 3 and "secret" not in text
+
+  resumed = make_judge(server, repeats=2, cache_path=cache)
+  verdicts = resumed.judge_many(items)
+  assert len(server.requests) == 4 + 3  # only the three unanswered judgements are asked
+  assert resumed.stats["cache_hits"] == 3
+  assert [v.grades for v in verdicts] == [(1, 2), (3, 4), (4, 4)]
+
+  again = make_judge(server, repeats=2, cache_path=cache)
+  assert again.judge_many(items) == verdicts
+  assert len(server.requests) == 7 and again.stats["requests"] == 0
+
+
+def test_cache_survives_a_torn_last_line(server, tmp_path):
+  cache = tmp_path / "cache.jsonl"
+  make_judge(server, cache_path=str(cache)).judge(ITEM)
+  with open(cache, "a") as handle:
+    handle.write('{"key": "abc", "rep')  # a run killed mid-write
+  assert make_judge(server, cache_path=str(cache)).judge(ITEM).score == 4.0
+  assert len(server.requests) == 1
+
+
+def test_timeout_is_retried_and_reported(server):
+  server.then(("sleep", 0.6))
+  judge = make_judge(server, timeout_s=0.15, max_retries=1)
+  assert judge.judge(ITEM).score == 4.0
+  assert judge.stats["retries"] == 1
+  server.then(("sleep", 0.6))
+  with pytest.raises(judge_lib.JudgeError, match="(?i)timed out"):
+    make_judge(server, timeout_s=0.15, max_retries=0).judge(ITEM)
+
+
+def test_parse_grade():
+  assert judge_lib.parse_grade("[4 points]") == 4
+  assert judge_lib.parse_grade("Weighing all 5 criteria: [2 points]") == 2
+  assert judge_lib.parse_grade("Score: 3") == 3  # MetaphorStar's first-integer rule
+  assert judge_lib.parse_grade("[1 point]") == 1
+  assert judge_lib.parse_grade("[7 points]") is None
+  assert judge_lib.parse_grade("0") is None
+  assert judge_lib.parse_grade("no grade") is None
+  assert judge_lib.parse_grade(None) is None
+
+
+def test_cache_key_depends_on_every_part():
+  base = ("m", "prompt", "answer", [b"image"], 0)
+  key = judge_lib.cache_key(*base)
+  for index, changed in enumerate(("m2", "prompt2", "answer2", [b"image2"], 1)):
+    other = list(base)
+    other[index] = changed
+    assert judge_lib.cache_key(*other) != key
+  assert judge_lib.cache_key("m", "ab", "c", [], 0) != judge_lib.cache_key("m", "a", "bc", [], 0)
+
+
+def test_config_from_values_then_environment():
+  environ = {judge_lib.ENV_URL: "http://env/v1", judge_lib.ENV_MODEL: "env-model",
+             judge_lib.ENV_API_KEY: "env-key"}
+  from_env = judge_lib.JudgeConfig.resolve({"repeats": 5}, environ)
+  assert (from_env.base_url, from_env.model, from_env.api_key, from_env.repeats) == (
+      "http://env/v1", "env-model", "env-key", 5)
+  assert "env-key" not in repr(from_env)
+  explicit = judge_lib.JudgeConfig.resolve({"model": "gpt-4o-2024-11-20"}, environ)
+  assert explicit.model == "gpt-4o-2024-11-20" and explicit.base_url == "http://env/v1"
+  with pytest.raises(ValueError, match="repeat"):
+    judge_lib.JudgeConfig.resolve({"repeat": 3}, {})
+  with pytest.raises(judge_lib.JudgeError, match=judge_lib.ENV_URL):
+    judge_lib.Judge(judge_lib.JudgeConfig.resolve({}, {}))

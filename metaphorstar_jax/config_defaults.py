@@ -59,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.01, grad_clip_norm=1.0, max_consecutive_nonfinite=10))
   config.warmup = ml_collections.ConfigDict(dict(
       think="Let me look at the image carefully.",  # the <think> text of warm-start targets
-      answers=("T", "F"),  # drawn uniformly: the warm start teaches format, never the task
+      answers=("T", "F"),  # never the record's own: the warm start teaches format, not the task
+      every_answer=True,  # one target per answer (an even split); False: one drawn at random
   ))
   config.stages = [stage("grpo", kind="grpo", steps=100, learning_rate=1e-6)]
 
@@ -69,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
                                                      resume=True))
   config.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb_project="",
                                               progress_bar=True, plot=True))
+  # Fault injection for resumption tests: SIGKILL the process right after the checkpoint of
+  # this global step is on disk (0: never).
+  config.debug = ml_collections.ConfigDict(dict(kill_after_checkpoint=0))
   return config
 
 

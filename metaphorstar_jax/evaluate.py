@@ -46,6 +46,7 @@ from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
 from metaphorstar_jax.tasks import Record, Task, get_task, load_records
+from metaphorstar_jax.tasks.records import load_or_generate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "tfq_grpo_tiny.py")
@@ -66,21 +67,8 @@ def eval_records(config, task: Task, scratch_dir: str) -> tuple[list[Record], st
   """(records, where they came from): data.eval, else the task's generated records, else a
   synthetic miniature written under `scratch_dir`; at most eval.num_examples (<= 0: all)."""
   limit = int(config.eval.num_examples) if int(config.eval.num_examples) > 0 else None
-  if config.data.eval:
-    records, _ = load_records(task, config.data.eval, limit=limit)
-    return records, config.data.eval
-  try:  # tasks that generate their own data (shapes) read path None; file-backed ones cannot
-    records, _ = load_records(task, None, limit=limit)
-    return records, "generated"
-  except (TypeError, FileNotFoundError):
-    pass
-  folder = os.path.join(scratch_dir, "miniature")
-  path = task.write_miniature(folder, limit or 16, config.seed)
-  logging.warning("config.data.eval is empty and task %s needs data: evaluating on a synthetic "
-                  "miniature at %s. Its numbers say nothing about the real benchmark.",
-                  task.name, path)
-  records, _ = load_records(task, path, limit=limit)
-  return records, f"miniature:{path}"
+  return load_or_generate(task, config.data.eval or None, limit=limit, scratch_dir=scratch_dir,
+                          seed=config.seed)
 
 
 def checkpoint_location(path: str) -> tuple[str, str]:

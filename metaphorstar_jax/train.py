@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import time
 from typing import Any
 
@@ -34,7 +35,7 @@ from metaphorstar_jax.data.pipeline import PromptStream, collate
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
 from metaphorstar_jax.tasks import get_task
-from metaphorstar_jax.tasks.records import load_records
+from metaphorstar_jax.tasks.records import load_or_generate
 from metaphorstar_jax.training import checkpoints, metrics as metrics_lib, optimizer, step as step_lib
 from metaphorstar_jax.training.policy import SequenceBatch
 
@@ -108,13 +109,18 @@ def build_objective(config) -> Objective:
 
 
 def load_data(config):
-  """(task, training records, evaluation records); evaluation falls back to generated ones."""
+  """(task, training records, evaluation records); without data paths, tasks that generate their
+  own records do so and file-backed ones fall back to a synthetic miniature (with a warning)."""
   d = config.data
+  scratch = os.path.join(config.workdir, "data")
   task = get_task(d.task, **dict(d.task_options))
-  train_records, _ = load_records(task, d.train or None)
+  train_records, _ = load_or_generate(task, d.train or None, limit=None, scratch_dir=scratch,
+                                      seed=config.seed)
   train_records = task.order(train_records, config.seed)
   eval_task = get_task(d.task, **dict(d.eval_task_options or d.task_options))
-  eval_records, _ = load_records(eval_task, d.eval or None, limit=config.eval.num_examples)
+  limit = config.eval.num_examples if config.eval.num_examples > 0 else None
+  eval_records, _ = load_or_generate(eval_task, d.eval or None, limit=limit, scratch_dir=scratch,
+                                     seed=config.seed + 1)
   return task, train_records, eval_records
 
 
@@ -274,17 +280,30 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
   }
 
 
-def warmup_targets(records, config, rng: random.Random) -> list[str]:
-  """Format-only targets: the configured <think> text and a uniformly random answer."""
-  return [f"<think>{config.warmup.think}</think><answer>{rng.choice(tuple(config.warmup.answers))}"
-          f"</answer>" for _ in records]
+def warmup_targets(records, config, rng: random.Random) -> tuple[list[str], int]:
+  """Warm-start targets and how many there are per record.
+
+  The <think> text is filled from each record's metadata (e.g. a `{description}` placeholder);
+  the answer never comes from the record. With `warmup.every_answer` each record gets one target
+  per answer in `warmup.answers`, which teaches an even answer distribution (the most room for
+  GRPO to explore); otherwise one answer drawn uniformly. Either way the warm start teaches the
+  response format but not the task.
+  """
+  answers = tuple(config.warmup.answers)
+  per_record = len(answers) if config.warmup.every_answer else 1
+  targets = []
+  for record in records:
+    think = config.warmup.think.format(**record.metadata)
+    chosen = answers if config.warmup.every_answer else (rng.choice(answers),)
+    targets += [f"<think>{think}</think><answer>{answer}</answer>" for answer in chosen]
+  return targets, per_record
 
 
 def sft_step(run: RunState, steps: step_lib.TrainSteps, batch, processor, sampler: Sampler,
              config, mesh, rng_seed: int) -> dict:
   t0 = time.perf_counter()
   rng = random.Random(rng_seed * 1_000_003 + run.global_step)
-  targets = warmup_targets(batch.records, config, rng)
+  targets, per_record = warmup_targets(batch.records, config, rng)
   end = processor.special_tokens.im_end
   encoded = [processor.tokenizer.encode(t, add_special_tokens=False).ids + [end] for t in targets]
   width = max(map(len, encoded))
@@ -294,9 +313,9 @@ def sft_step(run: RunState, steps: step_lib.TrainSteps, batch, processor, sample
     tokens[row, :len(ids)], mask[row, :len(ids)] = ids, 1
   prepared = sampler.prepare(batch.arrays)
   rows = {"tokens": tokens, "mask": mask}
-  parts = prompt_subsets(len(encoded), config.train.grad_accum_steps)
+  parts = prompt_subsets(len(batch.records), config.train.grad_accum_steps)
   grads, collected = None, []
-  for seq, _ in micro_batches(batch.examples, prepared, rows, parts, 1, sampler, mesh):
+  for seq, _ in micro_batches(batch.examples, prepared, rows, parts, per_record, sampler, mesh):
     g, m = steps.sft_grads(run.params, seq, float(mask.sum()))
     grads = g if grads is None else steps.accumulate(grads, g)
     collected.append(m)
@@ -431,6 +450,9 @@ def train(config: ml_collections.ConfigDict) -> dict:
         ckpt.save(run.global_step, checkpoint_arrays(run), stream.get_state(),
                   {"stage_index": stage_index, "stage_step": run.stage_step,
                    "global_step": run.global_step, "stage": stage.name})
+        if run.global_step == config.debug.kill_after_checkpoint:
+          ckpt.wait()
+          os.kill(os.getpid(), signal.SIGKILL)  # simulate a pre-emption
     if run.stage_step == stage.steps and stage_index + 1 < len(config.stages) and \
         config.checkpoint.every:
       ckpt.wait()

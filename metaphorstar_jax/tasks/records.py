@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -172,3 +173,21 @@ def score_batch(
   return {
     name: np.array([score.get(name, 0.0) for score in scores], dtype=np.float32) for name in names
   }
+
+
+def load_or_generate(task: Task, path: str | None, *, limit: int | None, scratch_dir: str,
+                     seed: int = 0, miniature_size: int = 16) -> tuple[list[Record], str]:
+  """(records, where they came from): `path` if given, else the task's own generated records
+  (tasks such as `shapes` read path None), else a synthetic miniature written under
+  `scratch_dir`, with a warning that its numbers mean nothing for the real benchmark."""
+  if path:
+    return load_records(task, path, limit=limit)[0], str(path)
+  try:
+    return load_records(task, None, limit=limit)[0], "generated"
+  except (TypeError, FileNotFoundError):
+    pass  # a file-backed task: it needs data on disk
+  folder = os.path.join(scratch_dir, f"{task.name}_miniature")
+  written = task.write_miniature(folder, limit or miniature_size, seed)
+  logging.warning("No data path for task %s: using a synthetic miniature at %s. Its numbers say "
+                  "nothing about the real benchmark.", task.name, written)
+  return load_records(task, written, limit=limit)[0], f"miniature:{written}"

@@ -41,6 +41,14 @@ class Scene:
   jitter: tuple[tuple[float, float], ...]  # per shape, in cells
 
 
+def describe_scene(scene: Scene, colours: Sequence[str], kinds: Sequence[str]) -> str:
+  """The shapes of a scene in palette order (independent of where they sit), e.g.
+  "a red circle and a blue square": what a model should say it sees before it answers."""
+  order = {(c, k): i for i, (c, k) in enumerate((c, k) for c in colours for k in kinds)}
+  names = [f"a {s.name}" for s in sorted(scene.shapes, key=lambda s: order[(s.colour, s.kind)])]
+  return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def generate_scene(
   rng: drawing.SeededRandom,
   num_shapes: int,
@@ -87,8 +95,13 @@ def make_statement(
   relation: str,
   colours: Sequence[str],
   kinds: Sequence[str],
+  canonical_pairs: bool = False,
 ) -> tuple[str, bool] | None:
-  """A statement about the scene using `relation` and whether it is true; None if impossible."""
+  """A statement about the scene using `relation` and whether it is true; None if impossible.
+
+  With `canonical_pairs`, a binary relation always names its two shapes in palette order, so
+  the wording never reveals the answer and only the image decides it.
+  """
   want_true = rng.coin()
   shapes = scene.shapes
   if relation in _BINARY:
@@ -98,10 +111,14 @@ def make_statement(
     ]
     if axis == "size":
       pairs = [(a, b) for a, b in pairs if a.size and b.size]
+    if canonical_pairs:
+      rank = {(c, k): i for i, (c, k) in enumerate((c, k) for c in colours for k in kinds)}
+      pairs = [(a, b) for a, b in pairs
+               if rank[(a.colour, a.kind)] < rank[(b.colour, b.kind)]]
     if not pairs:
       return None
     a, b = rng.choice(pairs)
-    if holds(a, b) != want_true:
+    if holds(a, b) != want_true and not canonical_pairs:
       a, b = b, a  # strict orders flip when the pair swaps
     return f"The {a.name} {phrase} the {b.name}.", holds(a, b)
   if relation == "count":
@@ -134,13 +151,14 @@ def scene_statements(
   colours: Sequence[str],
   kinds: Sequence[str],
   max_tries: int = 50,
+  canonical_pairs: bool = False,
 ) -> list[tuple[str, bool]]:
   """Up to `count` distinct statements about one scene."""
   statements, seen = [], set()
   for _ in range(max_tries):
     if len(statements) == count:
       break
-    made = make_statement(rng, scene, rng.choice(relations), colours, kinds)
+    made = make_statement(rng, scene, rng.choice(relations), colours, kinds, canonical_pairs)
     if made is not None and made[0] not in seen:
       seen.add(made[0])
       statements.append(made)

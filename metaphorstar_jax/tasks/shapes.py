@@ -34,6 +34,11 @@ class ShapesOptions:
     colours, kinds: the palette (names in drawing.COLOURS) and shapes (drawing.SHAPES).
     image_size: image side in pixels.
     format_weight: as TfqOptions.format_weight.
+    canonical_pairs: binary relations name their shapes in palette order, so the statement's
+      wording carries no hint and only the image decides the answer.
+    prompt: "tfq" (MetaphorStar's released TFQ-GRPO instruction) or "short" (one sentence
+      asking for the same <think>/<answer> format; a tiny model from scratch learns faster
+      when the image is a larger share of the prompt).
   """
 
   num_records: int = 256
@@ -47,6 +52,8 @@ class ShapesOptions:
   kinds: tuple[str, ...] = drawing.SHAPES
   image_size: int = 224
   format_weight: float = 0.5
+  canonical_pairs: bool = False
+  prompt: str = "tfq"
 
   def __post_init__(self):
     unknown = sorted(set(self.relations) - set(shape_scenes.RELATIONS))
@@ -66,8 +73,25 @@ class ShapesOptions:
         f"Need 1 <= min_shapes <= max_shapes <= {capacity} (grid cells and colour/kind pairs), "
         f"got min_shapes={self.min_shapes}, max_shapes={self.max_shapes}."
       )
+    if self.prompt not in PROMPTS:
+      raise ValueError(f"prompt must be one of {sorted(PROMPTS)}, got {self.prompt!r}.")
     if self.statements_per_image < 1 or self.num_records < 0 or self.image_size < 8:
       raise ValueError("statements_per_image must be >= 1, num_records >= 0 and image_size >= 8.")
+
+
+SHORT_INSTRUCTION = ("Is the statement about the image true (T) or false (F)? Reply as "
+                     "<think>...</think><answer>T or F</answer>. Statement: ")
+
+
+def short_conversation(record: Record):
+  """One user turn: the image, then a one-sentence instruction and the statement."""
+  statement = record.prompt.replace(tfq.IMAGE_MARKER, "").strip()
+  return [{"role": "user", "content": [
+      *({"type": "image", "image": image} for image in record.images),
+      {"type": "text", "text": SHORT_INSTRUCTION + statement}]}]
+
+
+PROMPTS = {"tfq": tfq.tfq_conversation, "short": short_conversation}
 
 
 def generate_records(options: ShapesOptions) -> list[Record]:
@@ -86,8 +110,8 @@ def generate_records(options: ShapesOptions) -> list[Record]:
     )
     wanted = min(options.statements_per_image, options.num_records - len(records))
     statements = shape_scenes.scene_statements(
-      rng, scene, options.relations, wanted, options.colours, options.kinds
-    )
+      rng, scene, options.relations, wanted, options.colours, options.kinds,
+      canonical_pairs=options.canonical_pairs)
     image = shape_scenes.render_scene(scene, options.image_size)
     group = f"shapes-{options.seed}-{scene_index}"
     for index, (statement, truth) in enumerate(statements):
@@ -97,7 +121,9 @@ def generate_records(options: ShapesOptions) -> list[Record]:
           images=(image,),
           prompt=tfq.IMAGE_MARKER + statement,
           answer="T" if truth else "F",
-          metadata={"group": group, "num_shapes": len(scene.shapes)},
+          metadata={"group": group, "num_shapes": len(scene.shapes),
+                    "description": shape_scenes.describe_scene(scene, options.colours,
+                                                               options.kinds)},
         )
       )
     scene_index += 1
@@ -126,7 +152,7 @@ def make_shapes_task(**overrides: Any) -> Task:
     name="shapes",
     options=options,
     read=read,
-    build_conversation=tfq.tfq_conversation,
+    build_conversation=PROMPTS[options.prompt],
     score=guard_score("shapes", score),
     evaluate=tfq.tfq_metrics,
     write_miniature=write_miniature,

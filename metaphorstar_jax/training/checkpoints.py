@@ -50,6 +50,12 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return restored.arrays, restored.data, restored.meta
 
+  def restore_saved_arrays(self, step: int) -> Any:
+    """The arrays of step `step` as saved, on the host (no target structure or sharding needed),
+    e.g. to read the parameters of a training run for evaluation or export."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        arrays=ocp.args.StandardRestore())).arrays
+
   def restore_meta(self, step: int) -> dict:
     """Only the JSON metadata of step `step` (which stage, which step), without the arrays."""
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

@@ -78,7 +78,7 @@ class TrainSteps:
 
   def _apply(self, params, opt_state, grads):
     """One optimizer update; a non-finite gradient leaves params and moments unchanged."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, {"grad_norm": grad_norm,

@@ -1,0 +1,195 @@
+"""The trainer end to end: a scaled-down default, exact resumption after SIGKILL, sharded steps
+matching one device, and non-finite updates skipped."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from metaphorstar_jax import rl, sharding
+from metaphorstar_jax.models import qwen2_5_vl
+from metaphorstar_jax.sampling import Sampler, SamplingConfig
+from metaphorstar_jax.training import checkpoints, optimizer, step as step_lib
+from metaphorstar_jax.training.policy import SequenceBatch
+from test_qwen2_5_vl_model import tiny_batch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO_ROOT, "configs", "tfq_grpo_tiny.py")
+# Wall-clock figures differ between runs; everything else must match exactly.
+TIMING_KEYS = {"step_seconds", "sample_seconds", "rollout_tokens_per_s"}
+
+
+def scaled_down_flags(workdir, sft_steps=2, grpo_steps=3):
+  return [f"--config={CONFIG}", f"--config.workdir={workdir}", "--config.log.progress_bar=False",
+          "--config.train.prompts_per_step=2", "--config.rl.group_size=2",
+          "--config.rl.max_new_tokens=6", "--config.eval.num_examples=2",
+          "--config.eval.every=0", "--config.checkpoint.every=1",
+          "--config.checkpoint.async_save=False",
+          f"--config.stages[0].steps={sft_steps}", f"--config.stages[1].steps={grpo_steps}",
+          "--config.data.task_options.num_records=16",
+          "--config.data.eval_task_options.num_records=4"]
+
+
+def run_train(flags, expect_kill=False):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run([sys.executable, "-m", "metaphorstar_jax.train", *flags], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+  if expect_kill:
+    assert result.returncode == -9, (result.returncode, result.stderr[-3000:])
+  else:
+    assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def history(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {row["step"]: {k: v for k, v in row.items() if k not in TIMING_KEYS}
+          for row in rows if "eval/accuracy" not in row}
+
+
+def final_params(workdir):
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  step = ckpt.latest_step()
+  meta = ckpt.restore_meta(step)
+  params = ckpt.restore_saved_arrays(step)["params"]
+  ckpt.close()
+  return step, meta, params
+
+
+@pytest.mark.slow
+def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path):
+  straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+  run_train(scaled_down_flags(straight))
+  run_train(scaled_down_flags(interrupted) + ["--config.debug.kill_after_checkpoint=3"],
+            expect_kill=True)
+  killed = history(interrupted)
+  assert max(killed) == 3  # nothing after the kill
+  run_train(scaled_down_flags(interrupted))
+  expected, resumed = history(straight), history(interrupted)
+  assert sorted(resumed) == sorted(expected) == [1, 2, 3, 4, 5]
+  for step in (4, 5):
+    assert resumed[step] == expected[step], step
+  assert np.isfinite(expected[5]["loss"])
+  step_a, meta_a, params_a = final_params(straight)
+  step_b, meta_b, params_b = final_params(interrupted)
+  assert step_a == step_b == 5 and meta_a == meta_b
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_scaled_down_default_trains_and_checkpoint_restores(tmp_path):
+  from metaphorstar_jax import train
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(smoke=True)
+  config.workdir = str(tmp_path / "run")
+  config.log.progress_bar = False
+  config.data.task_options = dict(config.data.task_options, num_records=16)
+  config.data.eval_task_options = dict(config.data.eval_task_options, num_records=4)
+  config.checkpoint.async_save = False
+  results = train.train(config)
+  assert np.isfinite(results["last"]["loss"])
+  assert "before grpo" in results and "after grpo" in results
+  assert os.path.exists(os.path.join(config.workdir, "curves.png"))
+  assert os.path.isdir(os.path.join(config.workdir, "tensorboard"))
+  ckpt = checkpoints.Checkpointer(os.path.join(config.workdir, "checkpoints"), async_save=False)
+  assert ckpt.latest_step() == 4
+  params = results["final_params"]
+  saved = ckpt.restore_saved_arrays(4)
+  for a, b in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(nnx.to_pure_dict(params))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert ckpt.restore_meta(4)["stage"] == "grpo"
+  ckpt.close()
+
+
+def grpo_inputs(model, group=4):
+  batch = tiny_batch(model.config)
+  sampler = Sampler(model, SamplingConfig(max_new_tokens=6))
+  rollouts = sampler(batch, group_size=group, key=jax.random.key(0))
+  prepared = sampler.prepare(batch)
+  seq = SequenceBatch(*prepared, np.asarray(rollouts.tokens_BN), np.asarray(rollouts.mask_BN))
+  rewards = np.random.default_rng(0).random((2, group)).astype(np.float32)
+  advantages = np.asarray(rl.grpo_advantages(jnp.asarray(rewards))).reshape(-1)
+  return seq, advantages, np.asarray(rollouts.logprobs_BN)
+
+
+def make_steps(model, loss_config=None):
+  optim = optimizer.make_optimizer(_optim_config())
+  graphdef, params = nnx.split(model)
+  steps = step_lib.TrainSteps(graphdef, optim, loss_config or rl.preset("metaphorstar").loss,
+                              temperature=1.0)
+  return steps, params, step_lib.init_optimizer_state(optim, params)
+
+
+def _optim_config():
+  import ml_collections
+  return ml_collections.ConfigDict(dict(
+      learning_rate=1e-3, warmup_steps=0, total_steps=10, schedule="constant",
+      final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,
+      max_consecutive_nonfinite=3, frozen=()))
+
+
+def one_update(steps, params, opt_state, seq, advantages, sampler_logprobs, mesh=None):
+  place = lambda a: sharding.place_rows(a, mesh)
+  seq = SequenceBatch(place(seq.prompt_ids_PT), place(seq.prompt_mask_PT), seq.pixel_values_SP,
+                      seq.image_grid_thw_N3, place(seq.completion_BN),
+                      place(seq.completion_mask_BN))
+  mask = seq.completion_mask_BN
+  # A reference policy a little off the sampler's, so the low_var_kl term is not zero.
+  ref_logprobs = place(sampler_logprobs - 0.05 * np.asarray(seq.completion_mask_BN))
+  grads, metrics = steps.grpo_grads(params, seq, place(advantages), None, ref_logprobs,
+                                    place(sampler_logprobs), mask, float(np.asarray(mask).sum()),
+                                    float(mask.shape[0]))
+  params, opt_state, applied = steps.apply(params, opt_state, grads)
+  return params, opt_state, {**metrics, **applied}
+
+
+def test_grpo_step_on_eight_devices_matches_one_device(hf_tiny):
+  assert jax.device_count() == 8
+  _, hf_dir = hf_tiny("a")
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  single = qwen2_5_vl.from_pretrained(hf_dir)
+  sharded = qwen2_5_vl.from_pretrained(hf_dir, mesh=mesh)
+  seq, advantages, sampler_logprobs = grpo_inputs(single)
+  steps_a, params_a, opt_a = make_steps(single)
+  steps_b, params_b, opt_b = make_steps(sharded)
+  assert params_b["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"][...].sharding.spec[0] \
+      == "fsdp"
+  new_a, _, metrics_a = one_update(steps_a, params_a, opt_a, seq, advantages, sampler_logprobs)
+  new_b, _, metrics_b = one_update(steps_b, params_b, opt_b, seq, advantages, sampler_logprobs,
+                                   mesh)
+  np.testing.assert_allclose(float(metrics_b["loss"]), float(metrics_a["loss"]), atol=1e-6)
+  assert abs(float(metrics_a["loss"])) > 0
+  for a, b in zip(jax.tree.leaves(new_a), jax.tree.leaves(new_b)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)
+
+
+def test_non_finite_loss_skips_the_update_and_counts_it():
+  model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=3)
+  seq, advantages, sampler_logprobs = grpo_inputs(model, group=2)
+  steps, params, opt_state = make_steps(model)
+  before = jax.tree.map(np.asarray, params)
+  bad = advantages.copy()
+  bad[0] = np.nan
+  params, opt_state, metrics = one_update(steps, params, opt_state, seq, bad, sampler_logprobs)
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(metrics["skipped_updates"]) == 1
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  params, opt_state, metrics = one_update(steps, params, opt_state, seq, advantages,
+                                          sampler_logprobs)
+  assert int(metrics["skipped_updates"]) == 1 and np.isfinite(float(metrics["loss"]))
+  changed = any(not np.array_equal(a, np.asarray(b))
+                for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params)))
+  assert changed

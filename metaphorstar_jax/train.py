@@ -108,6 +108,31 @@ def build_objective(config) -> Objective:
       max_new_tokens=int(config.rl.max_new_tokens))
 
 
+# Stage fields that override run-wide settings while the stage runs.
+_STAGE_OVERRIDES = ("rl_preset", "rl_overrides", "group_size", "prompts_per_step")
+# Recipe features some staged configs name (CINEMA) that the trainer does not run yet.
+_STAGE_UNSUPPORTED = ("gen_prompts_per_step", "tree_rollout", "sft_data")
+
+
+def stage_config(config, stage) -> ml_collections.ConfigDict:
+  """The run config as `stage` sees it: its rl_preset, rl_overrides, group_size and
+  prompts_per_step replace the run-wide values."""
+  staged = ml_collections.ConfigDict(config.to_dict())
+  if "rl_preset" in stage:
+    staged.rl.preset = stage.rl_preset
+  if "rl_overrides" in stage:
+    staged.rl.overrides = {**dict(config.rl.overrides), **dict(stage.rl_overrides)}
+  if "group_size" in stage:
+    staged.rl.group_size = stage.group_size
+  if "prompts_per_step" in stage:
+    staged.train.prompts_per_step = stage.prompts_per_step
+  for name in _STAGE_UNSUPPORTED:
+    if name in stage:
+      logging.warning("Stage %s sets %s, which this trainer does not implement yet; the stage "
+                      "runs without it.", stage.name, name)
+  return staged
+
+
 def load_data(config):
   """(task, training records, evaluation records); without data paths, tasks that generate their
   own records do so and file-backed ones fall back to a synthetic miniature (with a warning)."""
@@ -367,9 +392,6 @@ def train(config: ml_collections.ConfigDict) -> dict:
   logging.info("Task %s: %d training and %d evaluation records.", task.name, len(train_records),
                len(eval_records))
   graphdef, params = nnx.split(model)
-  sampler = Sampler(model, SamplingConfig(
-      max_new_tokens=objective.max_new_tokens, temperature=objective.temperature,
-      top_p=objective.top_p, top_k=objective.top_k), mesh=mesh)
   eval_sampler = Sampler(model, SamplingConfig(max_new_tokens=objective.max_new_tokens,
                                                greedy=config.eval.greedy), mesh=mesh)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -399,6 +421,11 @@ def train(config: ml_collections.ConfigDict) -> dict:
   run.global_step = sum(s.steps for s in config.stages[:first_stage])
   for stage_index in range(first_stage, len(config.stages)):
     stage = config.stages[stage_index]
+    staged = stage_config(config, stage)
+    objective = build_objective(staged)
+    sampler = Sampler(model, SamplingConfig(
+        max_new_tokens=objective.max_new_tokens, temperature=objective.temperature,
+        top_p=objective.top_p, top_k=objective.top_k), mesh=mesh)
     run.stage_index, run.stage_step = stage_index, 0
     tx = stage_optimizer(config, stage, run.params)
     steps = step_lib.TrainSteps(graphdef, tx, objective.loss, temperature=objective.temperature,
@@ -409,7 +436,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
     else:
       run.ref_params = None
     stream = PromptStream(train_records, processor, task.build_conversation,
-                          batch_size=config.train.prompts_per_step,
+                          batch_size=staged.train.prompts_per_step,
                           seed=config.seed + stage_index, shuffle=task.shuffle,
                           max_prompt_tokens=config.data.max_prompt_tokens,
                           num_workers=config.data.num_workers)
@@ -430,9 +457,9 @@ def train(config: ml_collections.ConfigDict) -> dict:
     while run.stage_step < stage.steps:
       batch = stream.next_batch()
       if stage.kind == "sft":
-        step_metrics = sft_step(run, steps, batch, processor, sampler, config, mesh, config.seed)
+        step_metrics = sft_step(run, steps, batch, processor, sampler, staged, mesh, config.seed)
       elif stage.kind == "grpo":
-        step_metrics = grpo_step(run, steps, objective, batch, task, processor, sampler, config,
+        step_metrics = grpo_step(run, steps, objective, batch, task, processor, sampler, staged,
                                  mesh, config.seed)
       else:
         raise ValueError(f"Unknown stage kind {stage.kind!r}; use 'sft' or 'grpo'.")

@@ -31,18 +31,7 @@ def load(name_or_path, smoke=False):
   return module.get_config()
 
 
-def stage_config(config, stage):
-  """The config as the trainer sees it during `stage`: its per-stage fields applied."""
-  staged = ml_collections.ConfigDict(config.to_dict())
-  if "rl_preset" in stage:
-    staged.rl.preset = stage.rl_preset
-  if "rl_overrides" in stage:
-    staged.rl.overrides = {**dict(config.rl.overrides), **dict(stage.rl_overrides)}
-  if "group_size" in stage:
-    staged.rl.group_size = stage.group_size
-  if "prompts_per_step" in stage:
-    staged.train.prompts_per_step = stage.prompts_per_step
-  return staged
+stage_config = train.stage_config
 
 
 def test_there_are_configs():
@@ -169,3 +158,23 @@ def test_cinema_stages_and_numbers():
   assert config.train.prompts_per_step // config.train.num_minibatches == 32  # §4.3 mini-batch
   assert config.optim.weight_decay == 0.1 and config.optim.grad_clip_norm == 1.0  # §4.3
   assert cold.sft_data == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tfq_grpo_7b.py", "rewardmap_7b.py", "star_r1_7b.py",
+                                  "cinema_7b.py"])
+def test_task_config_trains_a_few_steps_on_its_miniature_and_evaluates(name, tmp_path):
+  config = load(name, smoke=True)
+  config.workdir = str(tmp_path / "run")
+  config.log.progress_bar = False
+  config.checkpoint.async_save = False
+  results = train.train(config)
+  assert any(k.startswith("after ") for k in results)
+  assert all(v == v for v in results["last"].values())  # no NaN
+  assert "loss" in results["last"] or "sft_loss" in results["last"]
+  result = evaluate.cli(["evaluate", f"--config={os.path.join(CONFIG_DIR, name)}:smoke",
+                         f"--checkpoint={config.workdir}",
+                         f"--output_dir={tmp_path / 'eval'}"])
+  assert result["metrics"]
+  table = (tmp_path / "eval" / "results.md").read_text()
+  assert table.count("|") > 4

@@ -36,6 +36,7 @@ setuptools.setup(
     ],
     extras_require={
         # The PyTorch reference for parity tests and benchmarks; never imported by the package.
-        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis"],
+        # trl: the GRPOTrainer reference of bench/grpo_step.py.
+        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis", "trl==1.16.0"],
     },
 )

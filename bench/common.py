@@ -287,3 +287,39 @@ def print_result(result: dict[str, Any]) -> None:
   """The benchmark's one line of JSON on stdout (logs go to stderr)."""
   sys.stdout.write(json.dumps(result, sort_keys=False) + "\n")
   sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformers processor (for TRL and other PyTorch-side trainers).
+
+def transformers_processor():
+  """A transformers `Qwen2_5_VLProcessor` over the benchmark tokenizer and pixel bounds, offline.
+
+  transformers 5.x's stock processor requires a video processor, whose class needs torchvision
+  (not installed here). This builds an image-only subclass instead: `Qwen2VLImageProcessorPil`
+  (instantiated directly: `AutoImageProcessor` fails offline on a hub-style config), the
+  benchmark tokenizer saved by our `ChatProcessor.save_pretrained` and read back with
+  `AutoTokenizer`, and no video processor at all. Its image outputs, token ids and
+  `mm_token_type_ids` are the stock ones; asking it for videos raises.
+  """
+  from transformers import AutoTokenizer, Qwen2_5_VLProcessor
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+  from transformers.processing_utils import ProcessorMixin
+
+  class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without its (torchvision-only) video processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+      # Qwen2_5_VLProcessor.__init__ hands a video processor to ProcessorMixin; skip that level.
+      self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+      self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+      self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+      ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template,
+                              **kwargs)
+
+  with tempfile.TemporaryDirectory(prefix="bench_tokenizer_") as tmp:
+    chat_processor().save_pretrained(tmp)
+    tokenizer = AutoTokenizer.from_pretrained(tmp, padding_side="left")
+  image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+  return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                      chat_template=tokenizer.chat_template)

@@ -168,7 +168,6 @@ class OurTrainer:
     self.sampler = Sampler(model, SamplingConfig(
         max_new_tokens=objective.max_new_tokens, temperature=objective.temperature,
         top_p=objective.top_p, top_k=objective.top_k, stop_token_ids=()), mesh=self.mesh)
-    graphdef, params = nnx.split(model)
     tx = train.stage_optimizer(config, config.stages[0], params)
     self.steps = step_lib.TrainSteps(graphdef, tx, objective.loss,
                                      temperature=objective.temperature,
@@ -280,7 +279,8 @@ def trl_trainer(hf_model, processor, task, records, banned_token_ids, num_steps:
   trainer = TimedGRPOTrainer(model=hf_model, reward_funcs=shapes_reward, args=args,
                              train_dataset=trl_dataset(records), processing_class=processor,
                              callbacks=[callback])
-  if trainer.args.bf16 or trainer.args.fp16 or trainer.model.is_activation_checkpointing:
+  checkpointing = getattr(trainer.model, "is_activation_checkpointing", False)
+  if trainer.args.bf16 or trainer.args.fp16 or checkpointing:
     raise RuntimeError("TRL's trainer runs in reduced precision or with activation checkpointing "
                        "although both were turned off; check this TRL version's GRPOConfig.")
   return trainer, completion_lengths

@@ -113,13 +113,8 @@ def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
 
   if smoke:
     common.make_smoke(config)
-    config.model.dtype = "float32"
-    config.model.remat = False
     config.rl.overrides = dict(config.rl.overrides, overlong_buffer_len=4)  # < 8 new tokens
-    config.train.num_minibatches = 1
-    config.train.grad_accum_steps = 1
-    config.eval.max_new_tokens = config.rl.max_new_tokens
-    config.data.max_prompt_tokens = 1024
+    config.data.max_prompt_tokens = 1024  # several images per record
     for s in config.stages:
       s.prompts_per_step = config.train.prompts_per_step
       if s.kind == "grpo":

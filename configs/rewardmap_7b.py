@@ -81,9 +81,4 @@ def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
 
   if smoke:
     common.make_smoke(config)
-    config.model.dtype = "float32"
-    config.model.remat = False
-    config.train.grad_accum_steps = 1
-    config.eval.max_new_tokens = config.rl.max_new_tokens
-    config.data.max_prompt_tokens = 512
   return config

@@ -86,6 +86,12 @@ def make_smoke(config: ml_collections.ConfigDict) -> None:
   config.rl.group_size = 2
   config.rl.max_new_tokens = 8
   config.eval.num_examples = 4
+  config.model.dtype = "float32"
+  config.model.remat = False
+  config.train.num_minibatches = 1
+  config.train.grad_accum_steps = 1
+  config.eval.max_new_tokens = config.rl.max_new_tokens
+  config.data.max_prompt_tokens = 512
   for s in config.stages:
     s.steps = 2
     s.warmup_steps = 0
@@ -156,10 +162,4 @@ def tfq_grpo(size: str, *, grad_accum_steps: int, smoke: bool = False) -> ml_col
 
   if smoke:
     make_smoke(config)
-    config.model.dtype = "float32"
-    config.model.remat = False
-    config.train.num_minibatches = 1
-    config.train.grad_accum_steps = 1
-    config.eval.max_new_tokens = config.rl.max_new_tokens
-    config.data.max_prompt_tokens = 512
   return config

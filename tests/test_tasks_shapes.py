@@ -92,6 +92,34 @@ def test_difficulty_options():
   assert all("larger than" in r.prompt for r in larger)
 
 
+def test_target_statements_are_fixed_and_decided_by_the_image():
+  options = ShapesOptions(num_records=300, min_shapes=1, max_shapes=2, grid_size=2,
+                          colours=("red", "blue", "green"), kinds=("circle",),
+                          target="red circle", statements_per_image=1, seed=2)
+  records = generate_records(options)
+  assert {r.prompt for r in records} == {"<image>There is a red circle in the image."}
+  for record in records:
+    assert record.answer == ("T" if "a red circle" in record.metadata["description"] else "F")
+  true_share = sum(r.answer == "T" for r in records) / len(records)
+  assert 0.4 < true_share < 0.6
+  # The red pixels agree with the answer (the image alone decides it).
+  for record in records[:40]:
+    pixels = np.asarray(record.images[0])
+    has_red = bool(np.all(pixels == drawing.COLOURS["red"], axis=-1).any())
+    assert has_red == (record.answer == "T")
+
+
+def test_prompt_styles():
+  record = generate_records(ShapesOptions(num_records=1, seed=3))[0]
+  for style in ("tfq", "short", "statement"):
+    turns = get_task("shapes", prompt=style).build_conversation(record)
+    texts = [item["text"] for item in turns[-1]["content"] if item["type"] == "text"]
+    assert texts[-1].endswith(record.prompt.replace("<image>", "").strip())
+    assert sum(item["type"] == "image" for item in turns[-1]["content"]) == 1
+  bare = get_task("shapes", prompt="statement").build_conversation(record)
+  assert bare[-1]["content"][-1]["text"] == record.prompt.replace("<image>", "").strip()
+
+
 @pytest.mark.parametrize(
   "overrides, message",
   [
@@ -101,6 +129,8 @@ def test_difficulty_options():
     (dict(max_shapes=10, grid_size=3), "max_shapes"),
     (dict(colours=("teal",)), "Unknown colours"),
     (dict(statements_per_image=0), "statements_per_image"),
+    (dict(target="teal circle"), "target"),
+    (dict(target="red"), "target"),
   ],
 )
 def test_bad_options(overrides, message):

@@ -56,10 +56,21 @@ def generate_scene(
   colours: Sequence[str],
   kinds: Sequence[str],
   sizes: Sequence[str] = (),
+  target: tuple[str, str] | None = None,
+  with_target: bool = True,
 ) -> Scene:
-  """Places `num_shapes` shapes with distinct (colour, kind) in distinct grid cells."""
+  """Places `num_shapes` shapes with distinct (colour, kind) in distinct grid cells.
+
+  With `target` (a (colour, kind) pair), the scene contains that shape if `with_target`, and
+  otherwise does not.
+  """
   cells = rng.sample([(r, c) for r in range(grid_size) for c in range(grid_size)], num_shapes)
-  looks = rng.sample([(colour, kind) for colour in colours for kind in kinds], num_shapes)
+  pool = [(colour, kind) for colour in colours for kind in kinds]
+  if target is None:
+    looks = rng.sample(pool, num_shapes)
+  else:
+    others = rng.sample([look for look in pool if look != target], num_shapes - with_target)
+    looks = rng.shuffled(others + [target] * with_target)
   shapes = tuple(
     PlacedShape(colour, kind, row, column, rng.choice(sizes) if sizes else "")
     for (row, column), (colour, kind) in zip(cells, looks)

@@ -36,9 +36,13 @@ class ShapesOptions:
     format_weight: as TfqOptions.format_weight.
     canonical_pairs: binary relations name their shapes in palette order, so the statement's
       wording carries no hint and only the image decides the answer.
-    prompt: "tfq" (MetaphorStar's released TFQ-GRPO instruction) or "short" (one sentence
-      asking for the same <think>/<answer> format; a tiny model from scratch learns faster
-      when the image is a larger share of the prompt).
+    prompt: "tfq" (MetaphorStar's released TFQ-GRPO instruction), "short" (one sentence
+      asking for the same <think>/<answer> format) or "statement" (the image and the statement
+      alone; the format is left to a warm start). A tiny model trained from scratch learns
+      faster the larger the image's share of the prompt.
+    target: a shape name such as "red circle". When set, every statement reads "There is a
+      red circle in the image." and each scene holds that shape with probability 1/2, so the
+      wording is fixed and only the image decides the answer (`relations` is then unused).
   """
 
   num_records: int = 256
@@ -54,6 +58,7 @@ class ShapesOptions:
   format_weight: float = 0.5
   canonical_pairs: bool = False
   prompt: str = "tfq"
+  target: str = ""
 
   def __post_init__(self):
     unknown = sorted(set(self.relations) - set(shape_scenes.RELATIONS))
@@ -75,12 +80,26 @@ class ShapesOptions:
       )
     if self.prompt not in PROMPTS:
       raise ValueError(f"prompt must be one of {sorted(PROMPTS)}, got {self.prompt!r}.")
+    if self.target and (len(self.target.split()) != 2
+                        or tuple(self.target.split()) not in
+                        {(c, k) for c in self.colours for k in self.kinds}
+                        or self.min_shapes < 1):
+      raise ValueError(f"target must be '<colour> <kind>' from the palette {self.colours} x "
+                       f"{self.kinds}, got {self.target!r}.")
     if self.statements_per_image < 1 or self.num_records < 0 or self.image_size < 8:
       raise ValueError("statements_per_image must be >= 1, num_records >= 0 and image_size >= 8.")
 
 
 SHORT_INSTRUCTION = ("Is the statement about the image true (T) or false (F)? Reply as "
                      "<think>...</think><answer>T or F</answer>. Statement: ")
+
+
+def statement_conversation(record: Record):
+  """One user turn: the image, then the statement alone."""
+  statement = record.prompt.replace(tfq.IMAGE_MARKER, "").strip()
+  return [{"role": "user", "content": [
+      *({"type": "image", "image": image} for image in record.images),
+      {"type": "text", "text": statement}]}]
 
 
 def short_conversation(record: Record):
@@ -91,7 +110,8 @@ def short_conversation(record: Record):
       {"type": "text", "text": SHORT_INSTRUCTION + statement}]}]
 
 
-PROMPTS = {"tfq": tfq.tfq_conversation, "short": short_conversation}
+PROMPTS = {"tfq": tfq.tfq_conversation, "short": short_conversation,
+           "statement": statement_conversation}
 
 
 def generate_records(options: ShapesOptions) -> list[Record]:
@@ -100,6 +120,8 @@ def generate_records(options: ShapesOptions) -> list[Record]:
   sizes = tuple(shape_scenes.SIZES) if "larger" in options.relations else ()
   records, scene_index = [], 0
   while len(records) < options.num_records:
+    target = tuple(options.target.split()) if options.target else None
+    with_target = rng.coin() if target else True
     scene = shape_scenes.generate_scene(
       rng,
       rng.integer(options.min_shapes, options.max_shapes),
@@ -107,11 +129,16 @@ def generate_records(options: ShapesOptions) -> list[Record]:
       options.colours,
       options.kinds,
       sizes,
+      target=target,
+      with_target=with_target,
     )
     wanted = min(options.statements_per_image, options.num_records - len(records))
-    statements = shape_scenes.scene_statements(
-      rng, scene, options.relations, wanted, options.colours, options.kinds,
-      canonical_pairs=options.canonical_pairs)
+    if target:
+      statements = [(f"There is a {options.target} in the image.", with_target)]
+    else:
+      statements = shape_scenes.scene_statements(
+        rng, scene, options.relations, wanted, options.colours, options.kinds,
+        canonical_pairs=options.canonical_pairs)
     image = shape_scenes.render_scene(scene, options.image_size)
     group = f"shapes-{options.seed}-{scene_index}"
     for index, (statement, truth) in enumerate(statements):

@@ -2,11 +2,12 @@
 
 One step is everything a training step does: build the prompt batch (chat template, image
 patches), draw G completions per prompt, decode and score them, compute group advantages, and
-take one AdamW update (forward + backward over all P·G rows). Both sides run the same random
-'small' model (bench_models.md; TRL trains the transformers copy from `load_model_pair`), fp32 on
-CPU, in one process, on the same one-image true/false prompts of the built-in `shapes` task
-(112x112 images, 16 image tokens, MetaphorStar's TFQ prompt), step k of each side on the same
-two prompts.
+take one AdamW update (forward + backward over all P·G rows; ours runs the decoder over each
+prompt once and its G completions on the prompt's KV cache, TRL over G prompt+completion rows).
+Both sides run the same random 'small' model (bench_models.md; TRL trains the transformers copy
+from `load_model_pair`), fp32 on CPU, in one process, on the same one-image true/false prompts of
+the built-in `shapes` task (112x112 images, 16 image tokens, MetaphorStar's TFQ prompt), step k
+of each side on the same two prompts.
 
 Settings, identical on both sides unless said otherwise:
   - P=2 prompts × G=8 completions, completions forced to 64 new tokens (ours: no stop tokens;
@@ -33,11 +34,9 @@ hits both alike). A TRL step is the wall time between the end of our previous st
 TRL's next optimizer step (batch fetch, generation, reward, loss, backward, optimizer step and
 the Trainer's bookkeeping); ours is one `train.grpo_step` call plus fetching its batch from our
 `PromptStream`. The first --warmup steps of each side are untimed warm-up (`*_warmup_steps_s`):
-ours compiles there, torch allocates. `ours_compile_s` is our warm-up time minus as many median
-steps. Ours compiles in two steps, not one: the parameters the optimizer update returns carry
-shardings that are equivalent to, but spelled differently from, the ones the mesh placement gave
-them (PartitionSpec() vs PartitionSpec(None,)), so `TrainSteps.apply` compiles once more on the
-second step.
+ours compiles there (in the first step; a later step compiles again only if its prompts or
+completions need a wider bucket, which `ours_compiled_update_programs` would show), torch
+allocates. `ours_compile_s` is our warm-up time minus as many median steps.
 
 The split: ours `rollout` is grpo_step's `sample_seconds` (prompt preparation, sampling,
 decoding) and `update` the rest (reward, advantages, gradients, optimizer); TRL's `rollout` is its
@@ -93,7 +92,7 @@ flags.DEFINE_integer("prompts", 2, "Prompts per step (P).")
 flags.DEFINE_integer("group", 8, "Completions per prompt (G); TRL needs at least 2.")
 flags.DEFINE_integer("new_tokens", 64, "Completion length (stop tokens are ignored).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per side before timing; ours compiles in the "
-                     "first two (see the module docstring).")
+                     "first (see the module docstring).")
 flags.DEFINE_integer("repeats", 3, "Timed steps per side; the median is reported.")
 flags.DEFINE_float("learning_rate", 1e-6, "AdamW learning rate, both sides (TRL's default).")
 flags.DEFINE_integer("threads", 2, "torch.set_num_threads for the PyTorch side.")
@@ -376,6 +375,7 @@ def main(argv):
       ours_completion_tokens=statistics.mean(ours.completion_lengths),
       torch_completion_tokens=statistics.mean(torch_lengths),
       ours_compiled_sampler_programs=ours.sampler.compiled_programs,
+      ours_compiled_update_programs=ours.steps.compiled_update_programs(),
       warmup_steps=w, timed_steps=FLAGS.repeats,
       torch_side=f"trl.GRPOTrainer {trl.__version__} (transformers generate, no vLLM)",
       settings=dict(kl="none (beta=0, no reference model)", learning_rate=FLAGS.learning_rate,

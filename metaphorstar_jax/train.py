@@ -206,6 +206,12 @@ def micro_batches(examples, prepared, rows: dict[str, np.ndarray], prompts_group
     else:  # re-collate just these prompts (their images only), bucketed like the sampler's
       ids, mask, pixels, grids = sampler.prepare(
           collate([examples[p] for p in prompts], sampler.pad_id))
+    # Drop the leading all-padding columns of the sampler's power-of-two bucket T, keeping a
+    # multiple of T/16 so that at most 16 prompt widths per bucket compile.
+    bucket = ids.shape[1]
+    granule = max(1, bucket // 16)
+    width = min(bucket, -(-int(np.asarray(mask).sum(axis=1).max()) // granule) * granule)
+    ids, mask = ids[:, bucket - width:], mask[:, bucket - width:]
     selected = rows_of(np.asarray(prompts), group_size)
     place = lambda a: sharding_lib.place_rows(a, mesh)
     seq = SequenceBatch(place(ids), place(mask), pixels, grids,

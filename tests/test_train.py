@@ -193,3 +193,64 @@ def test_non_finite_loss_skips_the_update_and_counts_it():
   changed = any(not np.array_equal(a, np.asarray(b))
                 for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params)))
   assert changed
+
+
+def test_update_compiles_once_and_keeps_the_placement_over_three_steps():
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=5)
+  graphdef, params = nnx.split(model)
+  placement = sharding.parameter_shardings(params, mesh)
+  model = nnx.merge(graphdef, jax.device_put(params, placement))
+  seq, advantages, sampler_logprobs = grpo_inputs(model, group=2)
+  steps, params, opt_state = make_steps(model)
+  moments = opt_state.inner_state[1][0].mu
+  assert jax.tree.leaves(jax.tree.map(lambda a: a.sharding, moments)) == jax.tree.leaves(placement)
+  for _ in range(3):
+    params, opt_state, _ = one_update(steps, params, opt_state, seq, advantages,
+                                      sampler_logprobs, mesh)
+  # XLA would return some replicated vectors as P() or even fsdp-sharded: a recompile per change.
+  assert jax.tree.leaves(jax.tree.map(lambda a: a.sharding, params)) == jax.tree.leaves(placement)
+  assert steps._compiled_apply._cache_size() == 1
+  assert steps._compiled_grpo_grads._cache_size() == 1
+
+
+def test_scoring_only_the_used_completion_columns_changes_nothing():
+  model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=6)
+  seq, advantages, sampler_logprobs = grpo_inputs(model, group=2)
+  B, N = seq.completion_BN.shape
+  lengths = np.asarray([1, 2, 3, 2][:B] + [1] * (B - 4))
+  mask = (np.arange(N)[None] < lengths[:, None]).astype(np.int32)
+  seq = seq._replace(completion_mask_BN=mask)
+  trimmed, params, _ = make_steps(model)
+  whole = step_lib.TrainSteps(trimmed.graphdef, trimmed.tx, trimmed.loss_config, temperature=1.0,
+                              completion_buckets=1)
+  assert trimmed.scored_columns(mask) == 3 and whole.scored_columns(mask) == N
+  logprobs, want_logprobs = trimmed.logprobs(params, seq), whole.logprobs(params, seq)
+  assert logprobs.shape == (B, N) and not np.asarray(logprobs)[:, 3:].any()
+  np.testing.assert_allclose(np.asarray(logprobs)[mask > 0], np.asarray(want_logprobs)[mask > 0],
+                             atol=1e-6)
+  args = (seq, advantages, None, sampler_logprobs - 0.05 * mask, sampler_logprobs, mask,
+          float(mask.sum()), float(B))
+  (grads, metrics), (want_grads, want_metrics) = (trimmed.grpo_grads(params, *args),
+                                                  whole.grpo_grads(params, *args))
+  for key in ("loss", "kl", "entropy", "num_tokens"):
+    np.testing.assert_allclose(float(metrics[key]), float(want_metrics[key]), atol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_micro_batches_drop_prompt_padding_without_changing_the_logprobs():
+  from metaphorstar_jax import train
+  model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=7)
+  seq, _, _ = grpo_inputs(model, group=2)
+  sampler = Sampler(model, SamplingConfig(max_new_tokens=6))
+  bucket, longest = seq.prompt_ids_PT.shape[1], int(seq.prompt_mask_PT.sum(1).max())
+  rows = {"tokens": seq.completion_BN, "mask": seq.completion_mask_BN}
+  (trimmed, _), = train.micro_batches(None, tuple(seq[:4]), rows, [np.arange(2)], 2, sampler,
+                                      None)
+  width = trimmed.prompt_ids_PT.shape[1]
+  assert longest <= width < bucket and width % (bucket // 16) == 0
+  np.testing.assert_array_equal(np.asarray(trimmed.prompt_ids_PT), seq.prompt_ids_PT[:, -width:])
+  steps, params, _ = make_steps(model)
+  np.testing.assert_allclose(np.asarray(steps.logprobs(params, trimmed)),
+                             np.asarray(steps.logprobs(params, seq)), atol=1e-6)

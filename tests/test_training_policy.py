@@ -1,10 +1,15 @@
-"""Trainer-side log-probs agree with the sampler's, with images encoded once per prompt."""
+"""Trainer-side log-probs agree with the sampler's, with images encoded once per prompt, and the
+prompt-once scoring equals one full pass over the tiled prompt+completion rows."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
+from metaphorstar_jax.training import policy
 from metaphorstar_jax.training.policy import SequenceBatch, completion_logprobs
 from test_qwen2_5_vl_model import tiny_batch
 
@@ -27,3 +32,68 @@ def test_trainer_logprobs_equal_sampler_logprobs_and_chunking_is_exact():
       model, s, temperature=temperature, chunk_size=4))(seq)
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(logprobs), atol=1e-6)
   np.testing.assert_allclose(np.asarray(chunked_entropy), np.asarray(entropy), atol=1e-6)
+
+
+def tiled_completion_hidden_states(model, batch: SequenceBatch):
+  """The reference: the prompt tiled G times and one causal pass over B rows of T + N tokens."""
+  P, T = batch.prompt_ids_PT.shape
+  B, N = batch.completion_BN.shape
+  tile = lambda a, axis=0: jnp.repeat(a, B // P, axis=axis)
+  positions_3PT, deltas_P = model.position_ids(batch.prompt_ids_PT, batch.prompt_mask_PT,
+                                               batch.image_grid_thw_N3)
+  prompt_PTD = model.embed(batch.prompt_ids_PT, batch.pixel_values_SP, batch.image_grid_thw_N3)
+  first_B = tile(deltas_P + batch.prompt_mask_PT.sum(axis=1).astype(jnp.int32))
+  completion_pos_BN = first_B[:, None] + jnp.arange(N, dtype=jnp.int32)[None]
+  positions_3BL = jnp.concatenate(
+      [tile(positions_3PT, 1), jnp.broadcast_to(completion_pos_BN[None], (3, B, N))], axis=2)
+  x_BLD = jnp.concatenate(
+      [tile(prompt_PTD), model.language_model.embed_tokens(batch.completion_BN)], axis=1)
+  valid_BL = jnp.concatenate([tile(batch.prompt_mask_PT), batch.completion_mask_BN], axis=1) > 0
+  L = T + N
+  mask_BLL = jnp.tril(jnp.ones((L, L), bool))[None] & valid_BL[:, None, :]
+  hidden_BLD, _ = model.language_model(x_BLD, positions_3BL, mask_BLL)
+  return hidden_BLD[:, T - 1:T + N - 1]
+
+
+@pytest.mark.parametrize("new_tokens", [7, 1])
+def test_prompt_once_scoring_equals_the_tiled_full_pass(new_tokens, monkeypatch):
+  model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=4)
+  batch = tiny_batch(model.config)  # one row with two images, one text-only and shorter
+  group = 3
+  sampler = Sampler(model, SamplingConfig(max_new_tokens=new_tokens))
+  ids, mask, pixels, grids = sampler.prepare(batch)  # left-padded to the prompt bucket
+  assert len(set(np.asarray(mask).sum(1).tolist())) == 2 and not np.asarray(mask)[:, 0].any()
+  rng = np.random.default_rng(0)
+  B = ids.shape[0] * group
+  tokens = rng.integers(0, 1990, (B, new_tokens)).astype(np.int32)
+  lengths = rng.integers(1, new_tokens + 1, B)
+  lengths[0] = new_tokens
+  completion_mask = (np.arange(new_tokens)[None] < lengths[:, None]).astype(np.int32)
+  seq = SequenceBatch(ids, mask, pixels, grids, tokens, completion_mask)
+  weights = jnp.asarray(rng.normal(size=(B, new_tokens)).astype(np.float32) * completion_mask)
+  graphdef, params = nnx.split(model)
+
+  def loss(params, seq):
+    logprobs, entropy = completion_logprobs(nnx.merge(graphdef, params), seq, temperature=0.8)
+    return (logprobs * weights).sum() + (entropy * weights).sum(), (logprobs, entropy)
+
+  score = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (_, (logprobs, entropy)), grads = score(params, seq)
+  monkeypatch.setattr(policy, "completion_hidden_states", tiled_completion_hidden_states)
+  (_, (want_logprobs, want_entropy)), want_grads = jax.jit(
+      jax.value_and_grad(loss, has_aux=True))(params, seq)
+  valid = completion_mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logprobs)[valid], np.asarray(want_logprobs)[valid],
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(entropy)[valid], np.asarray(want_entropy)[valid],
+                             atol=1e-5)
+  flat, want_flat = jax.tree.leaves(grads), jax.tree.leaves(want_grads)
+  assert len(flat) == len(want_flat)
+  worst = 0.0
+  for got, want in zip(flat, want_flat):
+    got, want = np.asarray(got), np.asarray(want)
+    # Relative to the leaf's largest entry: fp32 sums in a different order, on any loss scale.
+    worst = max(worst, np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+  assert worst <= 1e-5
+  # The gradient reaches the vision tower, i.e. flows through the prompt pass.
+  assert np.abs(np.asarray(grads["visual"]["merger"]["mlp_out"]["kernel"][...])).max() > 0

@@ -1,10 +1,12 @@
 """Teacher-forced log-probabilities of completions under the policy, with images encoded once.
 
-A group's G completions share one prompt: its images go through the ViT once and the prompt
-embeddings are tiled G times, exactly as the sampler does, so the trainer never pays G encodes.
+A group's G completions share one prompt: its images go through the ViT once and the decoder runs
+over it once; its KV cache is tiled G times, exactly as the sampler does, so the trainer never
+pays G encodes or G prompt passes.
 
 Shape letters: P prompts, G group size, B = P·G rows, T prompt tokens, N completion tokens,
-D width, V vocabulary, S patches.
+F = N - 1 completion tokens fed to the decoder, L = T + F cache length, D width, V vocabulary,
+S patches.
 """
 
 from __future__ import annotations
@@ -27,26 +29,39 @@ class SequenceBatch(NamedTuple):
 
 
 def completion_hidden_states(model, batch: SequenceBatch):
-  """Decoder states (B, N, D) that predict each completion token (one step to its left)."""
+  """Decoder states (B, N, D) that predict each completion token (one step to its left).
+
+  The decoder runs once over the P prompts, filling a KV cache; the cache is tiled G times (as
+  the sampler does) and the B completions run through the cached path, attending to [prompt keys ;
+  their own causal keys]. Equal to one full pass over the G-tiled prompt+completion rows, at 1/G
+  of the prompt's cost, and differentiable through both passes. The last completion token is
+  never fed: nothing reads its state.
+  """
   P, T = batch.prompt_ids_PT.shape
   B, N = batch.completion_BN.shape
-  group = B // P
+  tile = lambda a: jnp.repeat(a, B // P, axis=0)
   positions_3PT, deltas_P = model.position_ids(batch.prompt_ids_PT, batch.prompt_mask_PT,
                                                batch.image_grid_thw_N3)
   prompt_PTD = model.embed(batch.prompt_ids_PT, batch.pixel_values_SP, batch.image_grid_thw_N3)
-  tile = lambda a, axis=0: jnp.repeat(a, group, axis=axis)
+  prompt_valid_PT = batch.prompt_mask_PT > 0
+  prompt_hidden_PTD, cache = model.cached_hidden_states(
+      prompt_PTD, positions_3PT, model.init_cache(P, T), 0, prompt_valid_PT)
+  last_B1D = tile(prompt_hidden_PTD[:, -1:])  # prompts are left-aligned: T-1 is always real
+  fed = N - 1
+  if fed == 0:
+    return last_B1D
   # Completion positions continue from the prompt's, like the sampler's decode positions.
   first_B = tile(deltas_P + batch.prompt_mask_PT.sum(axis=1).astype(jnp.int32))
-  completion_pos_BN = first_B[:, None] + jnp.arange(N, dtype=jnp.int32)[None]
-  positions_3BL = jnp.concatenate(
-      [tile(positions_3PT, 1), jnp.broadcast_to(completion_pos_BN[None], (3, B, N))], axis=2)
-  x_BLD = jnp.concatenate(
-      [tile(prompt_PTD), model.language_model.embed_tokens(batch.completion_BN)], axis=1)
-  valid_BL = jnp.concatenate([tile(batch.prompt_mask_PT), batch.completion_mask_BN], axis=1) > 0
-  L = T + N
-  mask_BLL = jnp.tril(jnp.ones((L, L), bool))[None] & valid_BL[:, None, :]
-  hidden_BLD, _ = model.language_model(x_BLD, positions_3BL, mask_BLL)
-  return hidden_BLD[:, T - 1:T + N - 1]
+  positions_BF = first_B[:, None] + jnp.arange(fed, dtype=jnp.int32)[None]
+  # Room for the completions' own keys after the prompt's (L = T + F slots per row).
+  cache = jax.tree.map(lambda a_PTKH: tile(jnp.pad(a_PTKH, ((0, 0), (0, fed), (0, 0), (0, 0)))),
+                       cache)
+  kv_valid_BL = jnp.concatenate(
+      [tile(prompt_valid_PT), batch.completion_mask_BN[:, :fed] > 0], axis=1)
+  hidden_BFD, _ = model.cached_hidden_states(
+      model.language_model.embed_tokens(batch.completion_BN[:, :fed]),
+      jnp.broadcast_to(positions_BF[None], (3, B, fed)), cache, T, kv_valid_BL)
+  return jnp.concatenate([last_B1D, hidden_BFD], axis=1)
 
 
 def completion_logprobs(model, batch: SequenceBatch, *, temperature: float = 1.0,

@@ -5,7 +5,7 @@ Gradients are taken per micro-batch and summed on device; each micro-batch loss 
 the whole mini-batch's token and row counts, so the sum equals the mini-batch loss exactly.
 Parameters are arguments everywhere: nothing recompiles when they change.
 
-Shape letters: P prompts, B rows (P·G), N completion tokens.
+Shape letters: P prompts, B rows (P·G), N completion tokens, C of them scored.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from metaphorstar_jax import rl
 from metaphorstar_jax.training.policy import SequenceBatch, completion_logprobs
@@ -27,36 +29,90 @@ def _nonfinite_count(opt_state) -> jax.Array:
 
 
 class TrainSteps:
-  """Compiled step functions for one model graph, optimizer and loss configuration."""
+  """Compiled step functions for one model graph, optimizer and loss configuration.
+
+  Completions are scored only up to the longest one in the batch, rounded up to a multiple of
+  1/`completion_buckets` of the padded length N (and of `logit_chunk`), so at most that many
+  widths compile; log-probs come back N wide, zero past the scored columns.
+  """
 
   def __init__(self, graphdef, tx: optax.GradientTransformation, loss_config: rl.LossConfig, *,
-               temperature: float, logit_chunk: int = 0):
+               temperature: float, logit_chunk: int = 0, completion_buckets: int = 8):
     self.graphdef = graphdef
     self.tx = tx
     self.loss_config = loss_config
     self.temperature = temperature
     self.logit_chunk = logit_chunk
-    self.grpo_grads = jax.jit(self._grpo_grads)
-    self.sft_grads = jax.jit(self._sft_grads)
-    self.logprobs = jax.jit(self._logprobs)
-    self.apply = jax.jit(self._apply, donate_argnums=(0, 1))
+    self.completion_buckets = completion_buckets
+    static = dict(static_argnames=("columns",))
+    self._compiled_grpo_grads = jax.jit(self._grpo_grads, **static)
+    self._compiled_sft_grads = jax.jit(self._sft_grads, **static)
+    self._compiled_logprobs = jax.jit(self._logprobs, **static)
+    self._compiled_apply = None  # built on the first `apply`, pinned to its inputs' shardings
     self.accumulate = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
 
-  def _score(self, params, seq: SequenceBatch, with_entropy: bool):
-    model = nnx.merge(self.graphdef, params)
-    return completion_logprobs(model, seq, temperature=self.temperature,
-                               chunk_size=self.logit_chunk, with_entropy=with_entropy)
+  # --- host side: pick the scored width, call the compiled functions -------------------------
 
-  def _logprobs(self, params, seq: SequenceBatch):
+  def scored_columns(self, completion_mask_BN) -> int:
+    """How many leading completion columns to score: the bucket holding the longest completion."""
+    N = completion_mask_BN.shape[1]
+    if isinstance(completion_mask_BN, jax.Array) and not completion_mask_BN.is_fully_addressable:
+      return N  # hosts would have to agree on the width; score everything
+    used_N = np.asarray(completion_mask_BN).any(axis=0)
+    longest = int(used_N.nonzero()[0].max()) + 1 if used_N.any() else 1
+    granule = -(-N // self.completion_buckets)
+    if self.logit_chunk > 0:  # keep chunked logits chunked
+      granule = -(-granule // self.logit_chunk) * self.logit_chunk
+    return min(N, -(-longest // granule) * granule)
+
+  def grpo_grads(self, params, seq: SequenceBatch, advantages_B, old_logprobs_BN,
+                 ref_logprobs_BN, sampler_logprobs_BN, loss_mask_BN, token_count, seq_count):
+    """Gradient of the policy loss on one micro-batch (a pytree like params), and its metrics."""
+    return self._compiled_grpo_grads(
+        params, seq, advantages_B, old_logprobs_BN, ref_logprobs_BN, sampler_logprobs_BN,
+        loss_mask_BN, token_count, seq_count,
+        columns=self.scored_columns(seq.completion_mask_BN))
+
+  def sft_grads(self, params, seq: SequenceBatch, token_count):
+    """Gradient of the summed target-token NLL / `token_count`, and its metrics."""
+    return self._compiled_sft_grads(params, seq, token_count,
+                                    columns=self.scored_columns(seq.completion_mask_BN))
+
+  def logprobs(self, params, seq: SequenceBatch):
     """Log-probs of the completions (B, N) without gradients: old or reference policy."""
-    return jax.lax.stop_gradient(self._score(params, seq, with_entropy=False)[0])
+    return self._compiled_logprobs(params, seq,
+                                   columns=self.scored_columns(seq.completion_mask_BN))
+
+  def compiled_update_programs(self) -> int:
+    """How many programs the gradient, log-prob and update functions have compiled so far."""
+    compiled = [self._compiled_grpo_grads, self._compiled_sft_grads, self._compiled_logprobs,
+                self._compiled_apply]
+    return sum(f._cache_size() for f in compiled if f is not None)
+
+  # --- traced ---------------------------------------------------------------------------------
+
+  def _score(self, params, seq: SequenceBatch, columns: int, *, with_entropy: bool):
+    model = nnx.merge(self.graphdef, params)
+    N = seq.completion_BN.shape[1]
+    scored = seq._replace(completion_BN=seq.completion_BN[:, :columns],
+                          completion_mask_BN=seq.completion_mask_BN[:, :columns])
+    logprobs_BC, entropy_BC = completion_logprobs(
+        model, scored, temperature=self.temperature, chunk_size=self.logit_chunk,
+        with_entropy=with_entropy)
+    widen = lambda a_BC: jnp.pad(a_BC, ((0, 0), (0, N - columns)))
+    return widen(logprobs_BC), widen(entropy_BC)
+
+  def _logprobs(self, params, seq: SequenceBatch, columns: int):
+    return jax.lax.stop_gradient(self._score(params, seq, columns, with_entropy=False)[0])
 
   def _grpo_grads(self, params, seq: SequenceBatch, advantages_B, old_logprobs_BN,
-                  ref_logprobs_BN, sampler_logprobs_BN, loss_mask_BN, token_count, seq_count):
-    """Gradient of the policy loss on one micro-batch, and its metrics."""
+                  ref_logprobs_BN, sampler_logprobs_BN, loss_mask_BN, token_count, seq_count,
+                  columns: int):
 
     def loss_fn(params):
-      logprobs_BN, entropy_BN = self._score(params, seq, with_entropy=True)
+      logprobs_BN, entropy_BN = self._score(params, seq, columns, with_entropy=True)
+      if self.loss_config.entropy_coeff == 0:  # only a metric then
+        entropy_BN = jax.lax.stop_gradient(entropy_BN)
       return rl.policy_loss(self.loss_config, logprobs_BN, old_logprobs_BN, advantages_B,
                             loss_mask_BN, ref_logprobs_BN, entropy_BN, sampler_logprobs_BN,
                             token_count=token_count, seq_count=seq_count)
@@ -64,17 +120,31 @@ class TrainSteps:
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, metrics
 
-  def _sft_grads(self, params, seq: SequenceBatch, token_count):
-    """Gradient of the summed target-token NLL / `token_count` (token-mean over the mini-batch)."""
+  def _sft_grads(self, params, seq: SequenceBatch, token_count, columns: int):
+    # Token-mean over the mini-batch when token_count is its total.
 
     def loss_fn(params):
-      logprobs_BN, _ = self._score(params, seq, with_entropy=False)
+      logprobs_BN, _ = self._score(params, seq, columns, with_entropy=False)
       mask_BN = seq.completion_mask_BN.astype(jnp.float32)
       loss = -(logprobs_BN * mask_BN).sum() / jnp.maximum(token_count, 1)
       return loss, {"sft_loss": loss, "num_tokens": mask_BN.sum()}
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, metrics
+
+  def apply(self, params, opt_state, grads):
+    """One optimizer update (params and opt_state are donated): (params, opt_state, metrics).
+
+    The outputs keep the inputs' shardings. Left to itself XLA may return an equivalent sharding
+    spelled differently (P() for P(None,)), or shard a replicated bias, and every function that
+    takes the new params would then compile again on the next step.
+    """
+    if self._compiled_apply is None:
+      self._compiled_apply = jax.jit(
+          self._apply, donate_argnums=(0, 1),
+          out_shardings=(jax.tree.map(lambda x: x.sharding, params),
+                         optimizer_state_shardings(opt_state, params), None))
+    return self._compiled_apply(params, opt_state, grads)
 
   def _apply(self, params, opt_state, grads):
     """One optimizer update; a non-finite gradient leaves params and moments unchanged."""
@@ -85,6 +155,33 @@ class TrainSteps:
                                "skipped_updates": _nonfinite_count(opt_state)}
 
 
+def optimizer_state_shardings(opt_state, params):
+  """Shardings for an optimizer state (arrays or ShapeDtypeStructs) laid out like `params`.
+
+  A leaf whose key path ends in a parameter's path and has its shape (a moment of that
+  parameter) takes the parameter's sharding; anything else (step counts, flags) is replicated on
+  the parameters' devices.
+  """
+  by_path = {tuple(path): (x.shape, x.sharding)
+             for path, x in jax.tree_util.tree_leaves_with_path(params)}
+  depths = sorted({len(path) for path in by_path}, reverse=True)
+  some = next(iter(by_path.values()))[1]
+  replicated = NamedSharding(some.mesh, P()) if isinstance(some, NamedSharding) else some
+
+  def pick(path, x):
+    for depth in depths:
+      shape, sharding = by_path.get(tuple(path[-depth:]), (None, None))
+      if shape == x.shape:
+        return sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
 def init_optimizer_state(tx: optax.GradientTransformation, params) -> Any:
-  """Optimizer state laid out like the (possibly sharded) parameters."""
-  return jax.jit(tx.init)(params)
+  """Optimizer state laid out like the (possibly sharded) parameters.
+
+  Moments do not depend on the parameters' values, so jit alone would leave them on one device.
+  """
+  abstract = jax.eval_shape(tx.init, params)
+  return jax.jit(tx.init, out_shardings=optimizer_state_shardings(abstract, params))(params)

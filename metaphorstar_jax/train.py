@@ -199,9 +199,15 @@ def rows_of(prompts: np.ndarray, group_size: int) -> np.ndarray:
 
 def micro_batches(examples, prepared, rows: dict[str, np.ndarray], prompts_groups, group_size,
                   sampler: Sampler, mesh):
-  """Yields (SequenceBatch, per-row arrays) for each group of prompts, placed on the mesh."""
+  """Yields (SequenceBatch, per-row arrays) for each group of prompts, placed on the mesh.
+
+  Prompt p's ids and images always travel with rows p·G … p·G+G-1 of `rows`: the sampler's
+  `prepared` arrays are reused only for all prompts in their own order; any other selection
+  or order is re-collated.
+  """
   for prompts in prompts_groups:
-    if len(prompts_groups) == 1:
+    prompts = np.asarray(prompts)
+    if np.array_equal(prompts, np.arange(len(examples))):
       ids, mask, pixels, grids = prepared
     else:  # re-collate just these prompts (their images only), bucketed like the sampler's
       ids, mask, pixels, grids = sampler.prepare(
@@ -281,7 +287,9 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
   shuffle_rng = np.random.default_rng(rng_seed + run.global_step)
   for _ in range(config.train.ppo_epochs):
     for minibatch in prompt_subsets(P, config.train.num_minibatches, shuffle_rng):
-      minibatch = np.asarray(minibatch)
+      # The sum over a mini-batch does not depend on its order; sorted, a single mini-batch
+      # reuses the sampler's prepared prompts instead of collating them again.
+      minibatch = np.sort(minibatch)
       micro = np.split(minibatch, config.train.grad_accum_steps)
       selected = rows_of(minibatch, G)
       token_count = float(max(1.0, rows["loss_mask"][selected].sum()))
@@ -438,7 +446,9 @@ def train(config: ml_collections.ConfigDict) -> dict:
                                 logit_chunk=config.train.logit_chunk)
     run.opt_state = step_lib.init_optimizer_state(tx, run.params)
     if stage.kind == "grpo" and (objective.loss.use_kl_loss or objective.loss.use_kl_in_reward):
-      run.ref_params = jax.tree.map(jnp.copy, run.params)  # frozen copy of the stage's start
+      # A frozen copy of the stage's start, placed exactly like the policy so that the log-prob
+      # function compiles once for both.
+      run.ref_params = jax.tree.map(lambda a: jax.device_put(jnp.copy(a), a.sharding), run.params)
     else:
       run.ref_params = None
     stream = PromptStream(train_records, processor, task.build_conversation,

@@ -254,3 +254,33 @@ def test_micro_batches_drop_prompt_padding_without_changing_the_logprobs():
   steps, params, _ = make_steps(model)
   np.testing.assert_allclose(np.asarray(steps.logprobs(params, trimmed)),
                              np.asarray(steps.logprobs(params, seq)), atol=1e-6)
+
+
+def test_update_scores_every_completion_against_its_own_prompt_and_image():
+  """A shuffled selection of prompts must carry their own ids and images to the update."""
+  from metaphorstar_jax import data, train
+  from metaphorstar_jax.data.pipeline import PromptStream
+  from metaphorstar_jax.tasks import get_task, load_records
+  task = get_task("shapes", num_records=8, image_size=56, min_shapes=1, max_shapes=3,
+                  prompt="statement", seed=3)
+  records, _ = load_records(task, None)
+  processor = data.ChatProcessor.from_tokenizer(
+      data.build_small_tokenizer(), data.ImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56))
+  batch = PromptStream(records, processor, task.build_conversation, batch_size=4, seed=0,
+                       shuffle=False, max_prompt_tokens=512).next_batch()
+  model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=2)
+  sampler = Sampler(model, SamplingConfig(max_new_tokens=5))
+  prepared = sampler.prepare(batch.arrays)
+  G = 2
+  rng = np.random.default_rng(0)
+  rows = {"tokens": rng.integers(0, 1990, (4 * G, 5)).astype(np.int32),
+          "mask": np.ones((4 * G, 5), np.int32)}
+  steps, params, _ = make_steps(model)
+  score = lambda order: np.concatenate([
+      np.asarray(steps.logprobs(params, seq))
+      for seq, _ in train.micro_batches(batch.examples, prepared, rows, [np.asarray(order)], G,
+                                        sampler, None)])
+  in_order = score([0, 1, 2, 3])
+  shuffled = score([2, 0, 3, 1])
+  np.testing.assert_allclose(shuffled, in_order[train.rows_of(np.asarray([2, 0, 3, 1]), G)],
+                             atol=1e-5)

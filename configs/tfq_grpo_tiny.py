@@ -1,7 +1,8 @@
 """The embedded default: a tiny Qwen2.5-VL trained from scratch on the built-in shapes task, on CPU.
 
-Stage 1 teaches only MetaphorStar's <think>/<answer> format on targets whose answers are random;
-stage 2 is GRPO with MetaphorStar's objective. Held-out accuracy is printed before and after GRPO.
+Stage 1 teaches only MetaphorStar's <think>/<answer> format: every image gets one target per
+answer (T and F), so it cannot teach the task. Stage 2 is GRPO with MetaphorStar's objective.
+Held-out accuracy is printed before and after GRPO.
 
     python -m metaphorstar_jax.train                                  # this config
     python -m metaphorstar_jax.train --config=configs/tfq_grpo_tiny.py --config.stages[1].steps=50
@@ -32,19 +33,19 @@ def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
   config.rl.preset = "metaphorstar"
   config.rl.group_size = 8
   config.rl.max_new_tokens = 32
-  # GRPO has no force that pulls a binary answer's bias back once it drifts (each group pushes
-  # towards its own correct answer with the same weight whatever the current bias), and Adam's
-  # early steps move every parameter by about the learning rate, so the answer distribution can
-  # collapse onto T or F before the image features form; all groups then score alike and
-  # learning stops. The KL to the warm start's even split is that restoring force: at
-  # coefficient 1 it pulls about as hard as supervised cross-entropy would.
+  # Nothing in GRPO pulls a binary answer's overall bias back once it drifts: every mixed group
+  # pushes towards its own correct answer with the same weight, and Adam's first steps move every
+  # parameter by about the learning rate. Without a restoring force the answers can collapse
+  # onto all-T or all-F before the image features form (measured), after which every group
+  # scores alike and learning stops. The KL to the warm start's even split is that force; at
+  # coefficient 1 it pulls about as hard as cross-entropy on balanced labels would.
   config.rl.overrides = dict(use_kl_loss=True, kl_loss_coef=1.0)
   config.train.prompts_per_step = 16
 
   config.warmup.think = "I look for a red circle."
   config.stages = [
       common.stage("warm_start", kind="sft", steps=30, learning_rate=3e-3, warmup_steps=5),
-      common.stage("grpo", kind="grpo", steps=200, learning_rate=5e-4, warmup_steps=10),
+      common.stage("grpo", kind="grpo", steps=150, learning_rate=5e-4, warmup_steps=10),
   ]
   config.eval.every = 50
   config.eval.num_examples = 128

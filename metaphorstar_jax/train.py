@@ -238,6 +238,7 @@ class RunState:
   global_step: int
   stage_index: int
   stage_step: int
+  kl_coef: float = 0.0  # the in-reward KL coefficient (moves under the adaptive controller)
 
 
 def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, batch, task,
@@ -255,11 +256,9 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
   shaped = np.asarray(rl.shape_rewards(loss_cfg, objective.rollout.replace(
       max_response_length=objective.max_new_tokens), jnp.asarray(rewards), jnp.asarray(lengths)))
   P = len(batch.records)
-  advantages = np.asarray(rl.compute_advantages(loss_cfg, jnp.asarray(shaped).reshape(P, G)))
-  advantages = advantages.reshape(-1)
   mask = np.asarray(rl.loss_mask(loss_cfg, rollouts.mask_BN, rollouts.truncated_B))
   rows = {"tokens": np.asarray(rollouts.tokens_BN), "mask": np.asarray(rollouts.mask_BN),
-          "loss_mask": mask, "advantages": advantages,
+          "loss_mask": mask, "advantages": None,
           "sampler_logprobs": np.asarray(rollouts.logprobs_BN), "old": None, "ref": None}
   examples = batch.examples
   micro_parts = config.train.num_minibatches * config.train.grad_accum_steps
@@ -279,9 +278,19 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
         values = np.empty_like(rows["sampler_logprobs"])
         values[order] = np.concatenate(parts)
         rows[name] = values
+  kl_metrics = {}
   if loss_cfg.use_kl_in_reward:
-    raise NotImplementedError("use_kl_in_reward needs the reference log-probs before the "
-                              "advantages; use use_kl_loss (the MetaphorStar recipe) for now.")
+    # verl's order: the sampling policy's log-probs against the reference's, per token, summed
+    # into each row's reward before the advantages; the controller then moves the coefficient.
+    behaviour = rows["old"] if rows["old"] is not None else rows["sampler_logprobs"]
+    shaped, kl_B = rl.kl_in_reward(loss_cfg, run.kl_coef, shaped, behaviour, rows["ref"],
+                                   rows["mask"])
+    shaped, current_kl = np.asarray(shaped), float(np.mean(kl_B))
+    kl_metrics = {"kl_in_reward/coef": run.kl_coef, "kl_in_reward/kl": current_kl,
+                  "reward/penalised_mean": float(shaped.mean())}
+    run.kl_coef = float(rl.next_kl_coef(loss_cfg, run.kl_coef, current_kl, len(shaped)))
+  advantages = np.asarray(rl.compute_advantages(loss_cfg, jnp.asarray(shaped).reshape(P, G)))
+  rows["advantages"] = advantages = advantages.reshape(-1)
 
   update_metrics, apply_metrics = [], {}
   shuffle_rng = np.random.default_rng(rng_seed + run.global_step)
@@ -307,7 +316,7 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
   new_tokens = int(valid.sum())
   return {
       "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-      **reward_metrics,
+      **reward_metrics, **kl_metrics,
       "accuracy": reward_metrics.get("reward/accuracy", float("nan")),
       "response_length/mean": float(lengths.mean()), "response_length/max": int(lengths.max()),
       "response_length/truncated_frac": float(truncated.mean()),
@@ -451,6 +460,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
       run.ref_params = jax.tree.map(lambda a: jax.device_put(jnp.copy(a), a.sharding), run.params)
     else:
       run.ref_params = None
+    run.kl_coef = float(objective.loss.kl_coef)
     stream = PromptStream(train_records, processor, task.build_conversation,
                           batch_size=staged.train.prompts_per_step,
                           seed=config.seed + stage_index, shuffle=task.shuffle,
@@ -462,6 +472,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
       stream.set_state(data_state)
       run.stage_step = resume_meta["stage_step"]
       run.global_step = resume_meta["global_step"]
+      run.kl_coef = float(resume_meta.get("kl_coef", run.kl_coef))
       logging.info("Resumed stage %s at its step %d (global %d).", stage.name, run.stage_step,
                    run.global_step)
       resume_meta = None
@@ -492,7 +503,8 @@ def train(config: ml_collections.ConfigDict) -> dict:
                                       or run.stage_step == stage.steps):
         ckpt.save(run.global_step, checkpoint_arrays(run), stream.get_state(),
                   {"stage_index": stage_index, "stage_step": run.stage_step,
-                   "global_step": run.global_step, "stage": stage.name})
+                   "global_step": run.global_step, "stage": stage.name,
+                   "kl_coef": run.kl_coef})
         if run.global_step == config.debug.kill_after_checkpoint:
           ckpt.wait()
           os.kill(os.getpid(), signal.SIGKILL)  # simulate a pre-emption

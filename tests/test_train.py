@@ -284,3 +284,58 @@ def test_update_scores_every_completion_against_its_own_prompt_and_image():
   shuffled = score([2, 0, 3, 1])
   np.testing.assert_allclose(shuffled, in_order[train.rows_of(np.asarray([2, 0, 3, 1]), G)],
                              atol=1e-5)
+
+
+def test_kl_in_reward_penalises_rewards_and_the_adaptive_coefficient_resumes(tmp_path):
+  from metaphorstar_jax import train
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(smoke=True)
+  config.workdir = str(tmp_path / "run")
+  config.log.progress_bar = config.log.plot = config.log.tensorboard = False
+  config.data.task_options = dict(config.data.task_options, num_records=16)
+  config.data.eval_task_options = dict(config.data.eval_task_options, num_records=4)
+  config.checkpoint.async_save = False
+  # A large step on the warm-started policy so that it differs from the reference at once.
+  config.stages[1].learning_rate = 0.05
+  config.rl.overrides = dict(use_kl_loss=False, use_kl_in_reward=True, kl_penalty="low_var_kl",
+                             kl_coef=0.5, kl_ctrl_type="adaptive", kl_target=1e-4, kl_horizon=10)
+  train.train(config)
+  with open(os.path.join(config.workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  grpo = [r for r in rows if r.get("stage") == 1 and "kl_in_reward/coef" in r]
+  assert len(grpo) == config.stages[1].steps
+  assert grpo[0]["kl_in_reward/coef"] == 0.5
+  assert any(r["kl_in_reward/kl"] > 0 for r in grpo)
+  for r in grpo:  # low_var_kl is never negative, so the penalty only lowers rewards
+    assert r["reward/penalised_mean"] <= r["reward/mean"] + 1e-6
+  # KL above target raises the coefficient: coef · (1 + clip(kl/target - 1, ±0.2) · B / horizon).
+  for before, after in zip(grpo, grpo[1:]):
+    error = np.clip(before["kl_in_reward/kl"] / 1e-4 - 1, -0.2, 0.2)
+    batch = config.train.prompts_per_step * config.rl.group_size
+    np.testing.assert_allclose(after["kl_in_reward/coef"],
+                               before["kl_in_reward/coef"] * (1 + error * batch / 10), rtol=1e-5)
+  ckpt = checkpoints.Checkpointer(os.path.join(config.workdir, "checkpoints"), async_save=False)
+  meta = ckpt.restore_meta(ckpt.latest_step())
+  ckpt.close()
+  last = grpo[-1]
+  error = np.clip(last["kl_in_reward/kl"] / 1e-4 - 1, -0.2, 0.2)
+  batch = config.train.prompts_per_step * config.rl.group_size
+  np.testing.assert_allclose(meta["kl_coef"], last["kl_in_reward/coef"] * (1 + error * batch / 10),
+                             rtol=1e-5)
+
+
+def test_checkpointer_takes_a_relative_directory(tmp_path, monkeypatch):
+  # The README's main command uses the relative workdir runs/tfq_grpo_tiny.
+  monkeypatch.chdir(tmp_path)
+  ckpt = checkpoints.Checkpointer(os.path.join("runs", "x", "checkpoints"), async_save=False)
+  arrays = {"w": jnp.arange(4.0)}
+  ckpt.save(1, arrays, {"position": 3}, {"stage": "grpo"})
+  ckpt.wait()
+  restored, data_state, meta = ckpt.restore(1, arrays)
+  ckpt.close()
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
+  assert data_state == {"position": 3} and meta["stage"] == "grpo"
+  assert os.path.isdir(tmp_path / "runs" / "x" / "checkpoints" / "1")

@@ -8,6 +8,7 @@ arrays are written, and `wait` blocks until they are on disk.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import jax
@@ -19,6 +20,9 @@ class Checkpointer:
   """Keeps the last `max_to_keep` checkpoints under `directory`, one per saved step."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    # Orbax's array writer wants absolute paths; a relative workdir means the current directory.
+    if "://" not in directory:
+      directory = os.path.abspath(directory)
     self.directory = directory
     self._manager = ocp.CheckpointManager(
         directory,

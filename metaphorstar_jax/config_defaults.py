@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.train = ml_collections.ConfigDict(dict(
       prompts_per_step=8,
+      gen_prompts_per_step=0,  # DAPO dynamic sampling's generation batch; 0: prompts_per_step
       ppo_epochs=1,  # μ: passes over each step's rollouts
       num_minibatches=1,  # optimizer updates per pass
       grad_accum_steps=1,  # micro-batches per update

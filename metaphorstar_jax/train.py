@@ -109,14 +109,15 @@ def build_objective(config) -> Objective:
 
 
 # Stage fields that override run-wide settings while the stage runs.
-_STAGE_OVERRIDES = ("rl_preset", "rl_overrides", "group_size", "prompts_per_step")
+_STAGE_OVERRIDES = ("rl_preset", "rl_overrides", "group_size", "prompts_per_step",
+                     "gen_prompts_per_step")
 # Recipe features some staged configs name (CINEMA) that the trainer does not run yet.
-_STAGE_UNSUPPORTED = ("gen_prompts_per_step", "tree_rollout", "sft_data")
+_STAGE_UNSUPPORTED = ("tree_rollout", "sft_data")
 
 
 def stage_config(config, stage) -> ml_collections.ConfigDict:
-  """The run config as `stage` sees it: its rl_preset, rl_overrides, group_size and
-  prompts_per_step replace the run-wide values."""
+  """The run config as `stage` sees it: its rl_preset, rl_overrides, group_size,
+  prompts_per_step and gen_prompts_per_step replace the run-wide values."""
   staged = ml_collections.ConfigDict(config.to_dict())
   if "rl_preset" in stage:
     staged.rl.preset = stage.rl_preset
@@ -126,11 +127,27 @@ def stage_config(config, stage) -> ml_collections.ConfigDict:
     staged.rl.group_size = stage.group_size
   if "prompts_per_step" in stage:
     staged.train.prompts_per_step = stage.prompts_per_step
+  if "gen_prompts_per_step" in stage:
+    staged.train.gen_prompts_per_step = stage.gen_prompts_per_step
   for name in _STAGE_UNSUPPORTED:
     if name in stage:
       logging.warning("Stage %s sets %s, which this trainer does not implement yet; the stage "
                       "runs without it.", stage.name, name)
   return staged
+
+
+def draw_size(staged, stage, objective: Objective) -> int:
+  """Prompts per generation batch: DAPO's gen_prompts_per_step for a dynamic-sampling GRPO
+  stage (verl `data.gen_batch_size`), else prompts_per_step."""
+  train_cfg = staged.train
+  size = train_cfg.get("gen_prompts_per_step", 0) or train_cfg.prompts_per_step
+  if stage.kind != "grpo":
+    return train_cfg.prompts_per_step
+  if size != train_cfg.prompts_per_step and not objective.loss.filter_groups:
+    raise ValueError(f"Stage {stage.name} sets gen_prompts_per_step={size} but "
+                     f"prompts_per_step={train_cfg.prompts_per_step}; a separate generation "
+                     "batch only makes sense with dynamic sampling (rl filter_groups=True).")
+  return size
 
 
 def load_data(config):
@@ -159,13 +176,15 @@ def completion_texts(processor, sampler: Sampler, rollouts) -> list[str]:
 
 
 def score_rollouts(task, records, texts: list[str], group_size: int):
-  """Per-row total reward (B,) and the mean of every reward component."""
+  """Per-row total reward (B,) and each row's reward components."""
   scores = [task.score(text, records[row // group_size]) for row, text in enumerate(texts)]
-  rewards = np.asarray([s["overall"] for s in scores], np.float32)
-  components = {}
-  for name in sorted({k for s in scores for k in s} - {"overall"}):
-    components[f"reward/{name}"] = float(np.mean([s.get(name, 0.0) for s in scores]))
-  return rewards, components
+  return np.asarray([s["overall"] for s in scores], np.float32), scores
+
+
+def reward_components(scores: list[dict]) -> dict:
+  """The mean of every reward component over rows, as `reward/<name>` metrics."""
+  names = sorted({k for s in scores for k in s} - {"overall"})
+  return {f"reward/{name}": float(np.mean([s.get(name, 0.0) for s in scores])) for name in names}
 
 
 def evaluate(task, records, processor, sampler: Sampler, params, batch_size: int) -> dict:
@@ -241,26 +260,128 @@ class RunState:
   kl_coef: float = 0.0  # the in-reward KL coefficient (moves under the adaptive controller)
 
 
+@dataclasses.dataclass
+class Groups:
+  """P prompts with G scored rollouts each (rows p·G … p·G+G-1 belong to prompt p)."""
+
+  records: list
+  examples: list
+  prepared: tuple  # the sampler's bucketed prompt arrays, in this order
+  rows: dict[str, np.ndarray]  # tokens, mask, sampler_logprobs, lengths, truncated: [B, ...]
+  rewards: np.ndarray  # [B] the task's overall reward
+  shaped: np.ndarray  # [B] after the overlong penalty
+  scores: list[dict]  # [B] the task's reward components
+
+
+def draw_groups(run: RunState, objective: Objective, batch, task, processor, sampler: Sampler,
+                key) -> Groups:
+  """G rollouts for each prompt of `batch`, decoded, scored and shaped."""
+  G = objective.group_size
+  prepared = sampler.prepare(batch.arrays)
+  rollouts = sampler.sample_prepared(prepared, group_size=G, state=run.params, key=key)
+  texts = completion_texts(processor, sampler, rollouts)
+  rewards, scores = score_rollouts(task, batch.records, texts, G)
+  lengths = np.asarray(rollouts.lengths_B)
+  shaped = np.asarray(rl.shape_rewards(objective.loss, objective.rollout.replace(
+      max_response_length=objective.max_new_tokens), jnp.asarray(rewards), jnp.asarray(lengths)))
+  rows = {"tokens": np.asarray(rollouts.tokens_BN), "mask": np.asarray(rollouts.mask_BN),
+          "sampler_logprobs": np.asarray(rollouts.logprobs_BN), "lengths": lengths,
+          "truncated": np.asarray(rollouts.truncated_B)}
+  return Groups(list(batch.records), list(batch.examples), prepared, rows, rewards, shaped, scores)
+
+
+def filter_metric(loss_cfg: rl.LossConfig, groups: Groups) -> np.ndarray:
+  """The per-row value dynamic sampling tests for equality within a group (verl's names)."""
+  name = loss_cfg.filter_groups_metric
+  if name == "acc":
+    return np.asarray([s.get("accuracy", s["overall"]) for s in groups.scores], np.float32)
+  if name in ("seq_reward", "score"):
+    return groups.rewards
+  if name == "seq_final_reward":
+    return groups.shaped
+  raise ValueError(f"filter_groups_metric={name!r}: use 'acc', 'score', 'seq_reward' or "
+                   "'seq_final_reward'.")
+
+
+def keep_groups(parts: list[tuple[Groups, np.ndarray]], G: int, sampler: Sampler) -> Groups:
+  """The kept prompts of several draws, in draw order, as one Groups."""
+  picked = [(g, np.flatnonzero(keep)) for g, keep in parts]
+  examples = [g.examples[p] for g, kept in picked for p in kept]
+  join = lambda get: np.concatenate([get(g)[rows_of(kept, G)] for g, kept in picked])
+  return Groups(
+      records=[g.records[p] for g, kept in picked for p in kept], examples=examples,
+      prepared=sampler.prepare(collate(examples, sampler.pad_id)),
+      rows={k: join(lambda g, k=k: g.rows[k]) for k in parts[0][0].rows},
+      rewards=join(lambda g: g.rewards), shaped=join(lambda g: g.shaped),
+      scores=[g.scores[r] for g, kept in picked for r in rows_of(kept, G)])
+
+
+def dynamic_sampling(first: Groups, draw, objective: Objective, sampler: Sampler,
+                     multiple: int = 1, wanted: int | None = None):
+  """DAPO's dynamic sampling: keep groups whose rewards differ, drawing more batches (`draw(i)`
+  gives the i-th extra draw, or None when the data ran out) until `wanted` groups (default: as
+  many as the first draw has prompts) are kept or
+  `max_num_gen_batches` is reached. Returns (Groups, metrics); when the bound is reached with
+  fewer groups, the update uses those, down to a multiple of `multiple` (the mini-batch and
+  micro-batch split), with a warning; none at all skips the update."""
+  loss_cfg, G = objective.loss, objective.group_size
+  wanted = len(first.records) if wanted is None else wanted
+  parts, kept, drawn, draws = [], 0, 0, 0
+  groups = first
+  while groups is not None:
+    draws += 1
+    keep_P, _ = rl.filter_groups_mask(jnp.asarray(filter_metric(loss_cfg, groups)).reshape(-1, G))
+    keep_P = np.array(keep_P)  # writable: the tail may be trimmed below
+    keep_P &= np.cumsum(keep_P) <= wanted - kept  # verl keeps the first train_batch_size groups
+    parts.append((groups, keep_P))
+    kept, drawn = kept + int(keep_P.sum()), drawn + len(keep_P)
+    decision = rl.dynamic_sampling_decision(kept, wanted, draws, loss_cfg.max_num_gen_batches)
+    if decision.exhausted:
+      logging.warning(decision.message)
+    groups = draw(draws) if decision.draw_more else None
+  surplus = kept % multiple
+  for _, keep_P in reversed(parts):  # drop the last kept groups that do not split evenly
+    for p in np.flatnonzero(keep_P)[::-1]:
+      if surplus:
+        keep_P[p], surplus, kept = False, surplus - 1, kept - 1
+  metrics = {"dynamic_sampling/gen_batches": draws, "dynamic_sampling/kept_groups": kept,
+             "dynamic_sampling/kept_frac": kept / max(drawn, 1)}
+  if len(parts) == 1 and parts[0][1].all():
+    return first, metrics
+  return (keep_groups(parts, G, sampler) if kept else None), metrics
+
+
 def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, batch, task,
-              processor, sampler: Sampler, config, mesh, rng_seed: int) -> dict:
+              processor, sampler: Sampler, config, mesh, rng_seed: int, next_batch=None) -> dict:
+  """One GRPO step on `batch`; with DAPO's `filter_groups`, `next_batch()` draws more prompts."""
   loss_cfg, G = objective.loss, objective.group_size
   t0 = time.perf_counter()
-  prepared = sampler.prepare(batch.arrays)
-  rollouts = sampler.sample_prepared(prepared, group_size=G, state=run.params,
-                                     key=jax.random.fold_in(jax.random.key(rng_seed),
-                                                            run.global_step))
-  texts = completion_texts(processor, sampler, rollouts)
+  key = jax.random.fold_in(jax.random.key(rng_seed), run.global_step)
+  groups = draw_groups(run, objective, batch, task, processor, sampler, key)
+  sampling_metrics = {}
+  if loss_cfg.filter_groups:
+    def draw(index):
+      more = next_batch() if next_batch is not None else None
+      return None if more is None else draw_groups(run, objective, more, task, processor,
+                                                   sampler, jax.random.fold_in(key, index))
+    groups, sampling_metrics = dynamic_sampling(
+        groups, draw, objective, sampler,
+        multiple=config.train.num_minibatches * config.train.grad_accum_steps,
+        wanted=config.train.prompts_per_step)
+    if groups is None:
+      return {**sampling_metrics, "skipped_updates": 1.0,
+              "sample_seconds": time.perf_counter() - t0,
+              "step_seconds": time.perf_counter() - t0}
   t_sample = time.perf_counter() - t0
-  rewards, reward_metrics = score_rollouts(task, batch.records, texts, G)
-  lengths, truncated = np.asarray(rollouts.lengths_B), np.asarray(rollouts.truncated_B)
-  shaped = np.asarray(rl.shape_rewards(loss_cfg, objective.rollout.replace(
-      max_response_length=objective.max_new_tokens), jnp.asarray(rewards), jnp.asarray(lengths)))
-  P = len(batch.records)
-  mask = np.asarray(rl.loss_mask(loss_cfg, rollouts.mask_BN, rollouts.truncated_B))
-  rows = {"tokens": np.asarray(rollouts.tokens_BN), "mask": np.asarray(rollouts.mask_BN),
+  rewards, shaped, prepared = groups.rewards, groups.shaped, groups.prepared
+  reward_metrics = reward_components(groups.scores)
+  lengths, truncated = groups.rows["lengths"], groups.rows["truncated"]
+  P = len(groups.records)
+  mask = np.asarray(rl.loss_mask(loss_cfg, groups.rows["mask"], truncated))
+  rows = {"tokens": groups.rows["tokens"], "mask": groups.rows["mask"],
           "loss_mask": mask, "advantages": None,
-          "sampler_logprobs": np.asarray(rollouts.logprobs_BN), "old": None, "ref": None}
-  examples = batch.examples
+          "sampler_logprobs": groups.rows["sampler_logprobs"], "old": None, "ref": None}
+  examples = groups.examples
   micro_parts = config.train.num_minibatches * config.train.grad_accum_steps
   all_prompts = prompt_subsets(P, micro_parts)
   on_policy = config.train.ppo_epochs == 1 and config.train.num_minibatches == 1
@@ -316,7 +437,7 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
   new_tokens = int(valid.sum())
   return {
       "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-      **reward_metrics, **kl_metrics,
+      **reward_metrics, **kl_metrics, **sampling_metrics,
       "accuracy": reward_metrics.get("reward/accuracy", float("nan")),
       "response_length/mean": float(lengths.mean()), "response_length/max": int(lengths.max()),
       "response_length/truncated_frac": float(truncated.mean()),
@@ -462,7 +583,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
       run.ref_params = None
     run.kl_coef = float(objective.loss.kl_coef)
     stream = PromptStream(train_records, processor, task.build_conversation,
-                          batch_size=staged.train.prompts_per_step,
+                          batch_size=draw_size(staged, stage, objective),
                           seed=config.seed + stage_index, shuffle=task.shuffle,
                           max_prompt_tokens=config.data.max_prompt_tokens,
                           num_workers=config.data.num_workers)
@@ -487,7 +608,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
         step_metrics = sft_step(run, steps, batch, processor, sampler, staged, mesh, config.seed)
       elif stage.kind == "grpo":
         step_metrics = grpo_step(run, steps, objective, batch, task, processor, sampler, staged,
-                                 mesh, config.seed)
+                                 mesh, config.seed, next_batch=stream.next_batch)
       else:
         raise ValueError(f"Unknown stage kind {stage.kind!r}; use 'sft' or 'grpo'.")
       run.stage_step += 1

@@ -86,18 +86,24 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_scaled_down_default_trains_and_checkpoint_restores(tmp_path):
-  from metaphorstar_jax import train
+def smoke_default_config(workdir):
+  """The README default in smoke mode on a few records, checkpointing synchronously."""
   import importlib.util
   spec = importlib.util.spec_from_file_location("tiny_config", CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(smoke=True)
-  config.workdir = str(tmp_path / "run")
+  config.workdir = str(workdir)
   config.log.progress_bar = False
   config.data.task_options = dict(config.data.task_options, num_records=16)
   config.data.eval_task_options = dict(config.data.eval_task_options, num_records=4)
   config.checkpoint.async_save = False
+  return config
+
+
+def test_scaled_down_default_trains_and_checkpoint_restores(tmp_path):
+  from metaphorstar_jax import train
+  config = smoke_default_config(tmp_path / "run")
   results = train.train(config)
   assert np.isfinite(results["last"]["loss"])
   assert "before grpo" in results and "after grpo" in results
@@ -246,8 +252,9 @@ def test_micro_batches_drop_prompt_padding_without_changing_the_logprobs():
   sampler = Sampler(model, SamplingConfig(max_new_tokens=6))
   bucket, longest = seq.prompt_ids_PT.shape[1], int(seq.prompt_mask_PT.sum(1).max())
   rows = {"tokens": seq.completion_BN, "mask": seq.completion_mask_BN}
-  (trimmed, _), = train.micro_batches(None, tuple(seq[:4]), rows, [np.arange(2)], 2, sampler,
-                                      None)
+  # All prompts in order: the prepared arrays are used as they are (no examples needed).
+  (trimmed, _), = train.micro_batches([None] * 2, tuple(seq[:4]), rows, [np.arange(2)], 2,
+                                      sampler, None)
   width = trimmed.prompt_ids_PT.shape[1]
   assert longest <= width < bucket and width % (bucket // 16) == 0
   np.testing.assert_array_equal(np.asarray(trimmed.prompt_ids_PT), seq.prompt_ids_PT[:, -width:])
@@ -288,16 +295,8 @@ def test_update_scores_every_completion_against_its_own_prompt_and_image():
 
 def test_kl_in_reward_penalises_rewards_and_the_adaptive_coefficient_resumes(tmp_path):
   from metaphorstar_jax import train
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(smoke=True)
-  config.workdir = str(tmp_path / "run")
-  config.log.progress_bar = config.log.plot = config.log.tensorboard = False
-  config.data.task_options = dict(config.data.task_options, num_records=16)
-  config.data.eval_task_options = dict(config.data.eval_task_options, num_records=4)
-  config.checkpoint.async_save = False
+  config = smoke_default_config(tmp_path / "run")
+  config.log.plot = config.log.tensorboard = False
   # A large step on the warm-started policy so that it differs from the reference at once.
   config.stages[1].learning_rate = 0.05
   config.rl.overrides = dict(use_kl_loss=False, use_kl_in_reward=True, kl_penalty="low_var_kl",

@@ -263,18 +263,25 @@ def test_micro_batches_drop_prompt_padding_without_changing_the_logprobs():
                              np.asarray(steps.logprobs(params, seq)), atol=1e-6)
 
 
-def test_update_scores_every_completion_against_its_own_prompt_and_image():
-  """A shuffled selection of prompts must carry their own ids and images to the update."""
-  from metaphorstar_jax import data, train
+def shapes_prompt_batches(count, *, num_records, seed, batch_size=4):
+  """`count` batches of real one-image prompts (56 px shapes, statement only), in order."""
+  from metaphorstar_jax import data
   from metaphorstar_jax.data.pipeline import PromptStream
   from metaphorstar_jax.tasks import get_task, load_records
-  task = get_task("shapes", num_records=8, image_size=56, min_shapes=1, max_shapes=3,
-                  prompt="statement", seed=3)
+  task = get_task("shapes", num_records=num_records, image_size=56, min_shapes=1, max_shapes=3,
+                  prompt="statement", seed=seed)
   records, _ = load_records(task, None)
   processor = data.ChatProcessor.from_tokenizer(
       data.build_small_tokenizer(), data.ImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56))
-  batch = PromptStream(records, processor, task.build_conversation, batch_size=4, seed=0,
-                       shuffle=False, max_prompt_tokens=512).next_batch()
+  stream = PromptStream(records, processor, task.build_conversation, batch_size=batch_size,
+                        seed=0, shuffle=False, max_prompt_tokens=512)
+  return [stream.next_batch() for _ in range(count)]
+
+
+def test_update_scores_every_completion_against_its_own_prompt_and_image():
+  """A shuffled selection of prompts must carry their own ids and images to the update."""
+  from metaphorstar_jax import train
+  batch, = shapes_prompt_batches(1, num_records=8, seed=3)
   model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=2)
   sampler = Sampler(model, SamplingConfig(max_new_tokens=5))
   prepared = sampler.prepare(batch.arrays)

@@ -7,25 +7,18 @@ import dataclasses
 import numpy as np
 import pytest
 
-from metaphorstar_jax import data, rl, train
-from metaphorstar_jax.data.pipeline import PromptStream, collate
+from metaphorstar_jax import rl, train
+from metaphorstar_jax.data.pipeline import collate
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
-from metaphorstar_jax.tasks import get_task, load_records
+from test_train import shapes_prompt_batches, smoke_default_config
 
 G = 2
 
 
 @pytest.fixture(scope="module")
 def setting():
-  task = get_task("shapes", num_records=24, image_size=56, min_shapes=1, max_shapes=3,
-                  prompt="statement", seed=4)
-  records, _ = load_records(task, None)
-  processor = data.ChatProcessor.from_tokenizer(
-      data.build_small_tokenizer(), data.ImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56))
-  stream = PromptStream(records, processor, task.build_conversation, batch_size=4, seed=0,
-                        shuffle=False, max_prompt_tokens=512)
-  batches = [stream.next_batch() for _ in range(6)]
+  batches = shapes_prompt_batches(3, num_records=24, seed=4)
   sampler = Sampler(qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=0),
                     SamplingConfig(max_new_tokens=3))
   return batches, sampler
@@ -107,7 +100,6 @@ def test_the_trainer_runs_dapo_dynamic_sampling(tmp_path):
   import json
   import os
 
-  from test_train import smoke_default_config
   config = smoke_default_config(tmp_path / "run")
   config.log.plot = config.log.tensorboard = False
   config.rl.overrides = dict(config.rl.overrides, filter_groups=True,

@@ -112,7 +112,7 @@ def build_objective(config) -> Objective:
 _STAGE_OVERRIDES = ("rl_preset", "rl_overrides", "group_size", "prompts_per_step",
                      "gen_prompts_per_step")
 # Recipe features some staged configs name (CINEMA) that the trainer does not run yet.
-_STAGE_UNSUPPORTED = ("tree_rollout", "sft_data")
+_STAGE_UNSUPPORTED = ("tree_rollout",)
 
 
 def stage_config(config, stage) -> ml_collections.ConfigDict:
@@ -134,6 +134,18 @@ def stage_config(config, stage) -> ml_collections.ConfigDict:
       logging.warning("Stage %s sets %s, which this trainer does not implement yet; the stage "
                       "runs without it.", stage.name, name)
   return staged
+
+
+def load_sft_records(task, path: str, scratch_dir: str, seed: int) -> list:
+  """Supervised trajectories for an `sft` stage: the task's records read from `path`, each with
+  the response to learn in its metadata 'target' (e.g. CINEMA's cold-start data)."""
+  records, _ = load_or_generate(task, path, limit=None, scratch_dir=scratch_dir, seed=seed)
+  missing = [r.id for r in records if not r.metadata.get("target")]
+  if missing:
+    raise ValueError(f"{len(missing)} of the {len(records)} records in {path} have no 'target' "
+                     f"text (first: {missing[:3]}); supervised data needs the response to learn "
+                     f"for every record, and the {task.name} reader must keep it.")
+  return records
 
 
 def draw_size(staged, stage, objective: Objective) -> int:
@@ -449,8 +461,12 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
   }
 
 
-def warmup_targets(records, config, rng: random.Random) -> tuple[list[str], int]:
+def warmup_targets(records, config, rng: random.Random,
+                   from_records: bool = False) -> tuple[list[str], int]:
   """Warm-start targets and how many there are per record.
+
+  With `from_records` (an `sft` stage reading `sft_data`) each record's own metadata 'target'
+  is the one target. Otherwise:
 
   The <think> text is filled from each record's metadata (e.g. a `{description}` placeholder);
   the answer never comes from the record. With `warmup.every_answer` each record gets one target
@@ -458,6 +474,8 @@ def warmup_targets(records, config, rng: random.Random) -> tuple[list[str], int]
   GRPO to explore); otherwise one answer drawn uniformly. Either way the warm start teaches the
   response format but not the task.
   """
+  if from_records:
+    return [record.metadata["target"] for record in records], 1
   answers = tuple(config.warmup.answers)
   per_record = len(answers) if config.warmup.every_answer else 1
   targets = []
@@ -469,10 +487,10 @@ def warmup_targets(records, config, rng: random.Random) -> tuple[list[str], int]
 
 
 def sft_step(run: RunState, steps: step_lib.TrainSteps, batch, processor, sampler: Sampler,
-             config, mesh, rng_seed: int) -> dict:
+             config, mesh, rng_seed: int, from_records: bool = False) -> dict:
   t0 = time.perf_counter()
   rng = random.Random(rng_seed * 1_000_003 + run.global_step)
-  targets, per_record = warmup_targets(batch.records, config, rng)
+  targets, per_record = warmup_targets(batch.records, config, rng, from_records)
   end = processor.special_tokens.im_end
   encoded = [processor.tokenizer.encode(t, add_special_tokens=False).ids + [end] for t in targets]
   width = max(map(len, encoded))
@@ -582,7 +600,10 @@ def train(config: ml_collections.ConfigDict) -> dict:
     else:
       run.ref_params = None
     run.kl_coef = float(objective.loss.kl_coef)
-    stream = PromptStream(train_records, processor, task.build_conversation,
+    sft_data = stage.kind == "sft" and bool(stage.get("sft_data"))
+    stage_records = (load_sft_records(task, stage.sft_data, os.path.join(workdir, "data"),
+                                      config.seed) if sft_data else train_records)
+    stream = PromptStream(stage_records, processor, task.build_conversation,
                           batch_size=draw_size(staged, stage, objective),
                           seed=config.seed + stage_index, shuffle=task.shuffle,
                           max_prompt_tokens=config.data.max_prompt_tokens,
@@ -605,7 +626,8 @@ def train(config: ml_collections.ConfigDict) -> dict:
     while run.stage_step < stage.steps:
       batch = stream.next_batch()
       if stage.kind == "sft":
-        step_metrics = sft_step(run, steps, batch, processor, sampler, staged, mesh, config.seed)
+        step_metrics = sft_step(run, steps, batch, processor, sampler, staged, mesh, config.seed,
+                                from_records=sft_data)
       elif stage.kind == "grpo":
         step_metrics = grpo_step(run, steps, objective, batch, task, processor, sampler, staged,
                                  mesh, config.seed, next_batch=stream.next_batch)

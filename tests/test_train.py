@@ -86,13 +86,18 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def smoke_default_config(workdir):
-  """The README default in smoke mode on a few records, checkpointing synchronously."""
+def smoke_config(path):
+  """`get_config(smoke=True)` of the config file at `path`."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny_config", CONFIG)
+  spec = importlib.util.spec_from_file_location("config_under_test", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(smoke=True)
+  return module.get_config(smoke=True)
+
+
+def smoke_default_config(workdir):
+  """The README default in smoke mode on a few records, checkpointing synchronously."""
+  config = smoke_config(CONFIG)
   config.workdir = str(workdir)
   config.log.progress_bar = False
   config.data.task_options = dict(config.data.task_options, num_records=16)

@@ -96,6 +96,9 @@ def _parse(row: io.Row, record_id: str, options: CinemaOptions) -> Record:
   if answer is None or answer == "" or answer == []:
     raise RecordError("missing field 'answer'")
   metadata = {"answer_type": answer_type}
+  target = fields.get("target")
+  if isinstance(target, str) and target.strip():  # a cold-start trajectory (SFT data)
+    metadata["target"] = target
   if answer_type == "mcq":
     choices = fields.get("options") or ()
     letters = OPTION_LETTERS[: len(choices)] if choices else OPTION_LETTERS

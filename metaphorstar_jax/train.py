@@ -381,7 +381,8 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
         multiple=config.train.num_minibatches * config.train.grad_accum_steps,
         wanted=config.train.prompts_per_step)
     if groups is None:
-      return {**sampling_metrics, "skipped_updates": 1.0,
+      # Not `skipped_updates`: that one counts non-finite updates since the stage began.
+      return {**sampling_metrics, "dynamic_sampling/skipped_update": 1.0,
               "sample_seconds": time.perf_counter() - t0,
               "step_seconds": time.perf_counter() - t0}
   t_sample = time.perf_counter() - t0

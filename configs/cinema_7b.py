@@ -20,7 +20,8 @@ that stage only; absent means the config-wide value):
   tree_rollout: dict(num_roots, branches, entropy_top_k, min_token_chars): branch each of
     num_roots rollouts at a random one of its entropy_top_k highest-entropy tokens (skipping
     special tokens and tokens of at most min_token_chars - 1 visible characters) into
-    `branches` continuations; group = num_roots · (1 + branches).
+    `branches` continuations; group = num_roots · (1 + branches). See rl/tree.py: a branch is
+    rewarded on prefix + continuation and trained on its continuation only.
   sft_data: the cold-start trajectories (JSONL with the record fields plus a "target" text);
     empty: the trainer's format-only warm start.
 

@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
       top_p=-1.0,
       top_k=0,
       max_new_tokens=256,
+      # Entropy-branched groups (rl.TreeRollout fields: num_roots, branches, entropy_top_k,
+      # min_token_chars); empty: G independent rollouts per prompt.
+      tree_rollout={},
   ))
   config.train = ml_collections.ConfigDict(dict(
       prompts_per_step=8,

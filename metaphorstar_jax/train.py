@@ -93,30 +93,32 @@ class Objective:
   top_p: float
   top_k: int
   max_new_tokens: int
+  tree: rl.TreeRollout | None = None  # entropy-branched groups (CURE / CINEMA exploration)
 
 
 def build_objective(config) -> Objective:
   recipe = rl.preset(config.rl.preset)
   loss = recipe.loss.replace(**dict(config.rl.overrides))
   pick = lambda value, default: default if value is None or value < 0 else value
+  group_size = int(pick(config.rl.group_size, recipe.rollout.n))
+  tree = None
+  if config.rl.get("tree_rollout"):
+    tree = rl.TreeRollout(**dict(config.rl.tree_rollout))
+    if config.rl.group_size not in (None, -1) and group_size != tree.group_size:
+      raise ValueError(f"tree_rollout makes groups of num_roots·(1 + branches) = "
+                       f"{tree.group_size} rollouts, but group_size is {group_size}; make them "
+                       "agree (or leave group_size at -1).")
+    group_size = tree.group_size
   return Objective(
-      loss=loss, rollout=recipe.rollout,
-      group_size=int(pick(config.rl.group_size, recipe.rollout.n)),
+      loss=loss, rollout=recipe.rollout, group_size=group_size, tree=tree,
       temperature=float(pick(config.rl.temperature, recipe.rollout.temperature)),
       top_p=float(pick(config.rl.top_p, recipe.rollout.top_p)),
       top_k=int(config.rl.top_k),
       max_new_tokens=int(config.rl.max_new_tokens))
 
 
-# Stage fields that override run-wide settings while the stage runs.
-_STAGE_OVERRIDES = ("rl_preset", "rl_overrides", "group_size", "prompts_per_step",
-                     "gen_prompts_per_step")
-# Recipe features some staged configs name (CINEMA) that the trainer does not run yet.
-_STAGE_UNSUPPORTED = ("tree_rollout",)
-
-
 def stage_config(config, stage) -> ml_collections.ConfigDict:
-  """The run config as `stage` sees it: its rl_preset, rl_overrides, group_size,
+  """The run config as `stage` sees it: its rl_preset, rl_overrides, group_size, tree_rollout,
   prompts_per_step and gen_prompts_per_step replace the run-wide values."""
   staged = ml_collections.ConfigDict(config.to_dict())
   if "rl_preset" in stage:
@@ -125,14 +127,12 @@ def stage_config(config, stage) -> ml_collections.ConfigDict:
     staged.rl.overrides = {**dict(config.rl.overrides), **dict(stage.rl_overrides)}
   if "group_size" in stage:
     staged.rl.group_size = stage.group_size
+  if "tree_rollout" in stage:
+    staged.rl.tree_rollout = dict(stage.tree_rollout or {})
   if "prompts_per_step" in stage:
     staged.train.prompts_per_step = stage.prompts_per_step
   if "gen_prompts_per_step" in stage:
     staged.train.gen_prompts_per_step = stage.gen_prompts_per_step
-  for name in _STAGE_UNSUPPORTED:
-    if name in stage:
-      logging.warning("Stage %s sets %s, which this trainer does not implement yet; the stage "
-                      "runs without it.", stage.name, name)
   return staged
 
 
@@ -180,8 +180,8 @@ def load_data(config):
 
 # --- rollouts and scoring -----------------------------------------------------------------------
 
-def completion_texts(processor, sampler: Sampler, rollouts) -> list[str]:
-  tokens, lengths = np.asarray(rollouts.tokens_BN), np.asarray(rollouts.lengths_B)
+def completion_texts(processor, sampler: Sampler, tokens_BN, lengths_B) -> list[str]:
+  tokens, lengths = np.asarray(tokens_BN), np.asarray(lengths_B)
   stops = set(sampler.config.stop_token_ids)
   return [processor.decode([int(t) for t in row[:n] if int(t) not in stops],
                            skip_special_tokens=True) for row, n in zip(tokens, lengths)]
@@ -206,7 +206,7 @@ def evaluate(task, records, processor, sampler: Sampler, params, batch_size: int
     chunk = records[start:start + batch_size]
     batch = processor([task.build_conversation(r) for r in chunk])
     rollouts = sampler(batch, group_size=1, key=jax.random.key(start), state=params)
-    texts += completion_texts(processor, sampler, rollouts)
+    texts += completion_texts(processor, sampler, rollouts.tokens_BN, rollouts.lengths_B)
   results = dict(task.evaluate(texts, records))
   scores = [task.score(t, r) for t, r in zip(texts, records)]
   for name in sorted({k for s in scores for k in s}):
@@ -279,27 +279,100 @@ class Groups:
   records: list
   examples: list
   prepared: tuple  # the sampler's bucketed prompt arrays, in this order
-  rows: dict[str, np.ndarray]  # tokens, mask, sampler_logprobs, lengths, truncated: [B, ...]
+  # tokens, mask, sampler_logprobs, lengths, truncated: [B, ...]; with tree rollouts also
+  # prefix [B, N]: 1 on the tokens a branch row copied from its root (context, not trained on)
+  rows: dict[str, np.ndarray]
   rewards: np.ndarray  # [B] the task's overall reward
   shaped: np.ndarray  # [B] after the overlong penalty
   scores: list[dict]  # [B] the task's reward components
 
 
+def rollout_rows(rollouts) -> dict[str, np.ndarray]:
+  return {"tokens": np.asarray(rollouts.tokens_BN), "mask": np.asarray(rollouts.mask_BN),
+          "sampler_logprobs": np.asarray(rollouts.logprobs_BN),
+          "lengths": np.asarray(rollouts.lengths_B), "truncated": np.asarray(rollouts.truncated_B)}
+
+
+_BRANCHABLE: dict[tuple, np.ndarray] = {}
+
+
+def branchable_table(processor, vocab_size: int, min_chars: int) -> np.ndarray:
+  """bool [V] of tokens a tree rollout may branch at (rl.branchable_tokens), built once."""
+  tokenizer = processor.tokenizer
+  cache_key = (id(tokenizer), vocab_size, min_chars)
+  if cache_key not in _BRANCHABLE:
+    known = min(vocab_size, tokenizer.get_vocab_size(with_added_tokens=True))
+    texts = tokenizer.decode_batch([[i] for i in range(known)], skip_special_tokens=False)
+    texts += [""] * (vocab_size - known)  # embedding rows no token maps to
+    special = [i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special]
+    _BRANCHABLE[cache_key] = rl.branchable_tokens(texts, special, min_chars)
+  return _BRANCHABLE[cache_key]
+
+
+def tree_rows(run: RunState, tree: rl.TreeRollout, examples, prepared, processor,
+              sampler: Sampler, steps: step_lib.TrainSteps, mesh, key, parts: int):
+  """Rows of entropy-branched groups (rl/tree.py): num_roots rollouts per prompt, each cut
+  before one of its highest-entropy tokens and continued `branches` times from there. The
+  entropies come from the policy itself, `parts` prompts subsets at a time, as CURE asks its
+  actor."""
+  n1, n2 = tree.num_roots, tree.branches
+  P, N = len(examples), sampler.config.max_new_tokens
+  root_key, point_key, branch_key = jax.random.split(key, 3)
+  roots = rollout_rows(sampler.sample_prepared(prepared, group_size=n1, state=run.params,
+                                               key=root_key))
+  entropy = np.zeros(roots["tokens"].shape, np.float32)
+  subsets = [s for s in np.array_split(np.arange(P), min(parts, P)) if len(s)]
+  for subset, (seq, _) in zip(subsets, micro_batches(examples, prepared, roots, subsets, n1,
+                                                     sampler, mesh)):
+    entropy[rows_of(subset, n1)] = np.asarray(steps.entropies(run.params, seq))
+  table = branchable_table(processor, sampler.model_config.text.vocab_size, tree.min_token_chars)
+  positions, found = rl.branch_points(point_key, entropy, roots["tokens"], roots["lengths"],
+                                      table, tree.entropy_top_k)
+  positions = np.asarray(positions)
+  # The prompt followed by the root's text up to the branch token is the branch's prompt; its
+  # M-RoPE positions continue exactly where the root's decoding had them.
+  branch_prompts = [dataclasses.replace(
+      examples[r // n1], input_ids_T=np.concatenate(
+          [examples[r // n1].input_ids_T, roots["tokens"][r, :positions[r]]]).astype(np.int32))
+      for r in range(P * n1)]
+  continued = rollout_rows(sampler.sample_prepared(
+      sampler.prepare(collate(branch_prompts, sampler.pad_id)), group_size=n2,
+      state=run.params, key=branch_key, max_new_tokens_per_row=np.repeat(N - positions, n2)))
+  join = lambda name: np.asarray(rl.join_branches(roots[name], positions, continued[name], n2))
+  prefix_B = np.repeat(positions, n2)
+  lengths_B = prefix_B + continued["lengths"]
+  columns_N = np.arange(N)[None]
+  branches = {"tokens": join("tokens"), "sampler_logprobs": join("sampler_logprobs"),
+              "mask": (columns_N < lengths_B[:, None]).astype(np.int32), "lengths": lengths_B,
+              "truncated": continued["truncated"],
+              "prefix": (columns_N < prefix_B[:, None]).astype(np.int32)}
+  roots["prefix"] = np.zeros_like(roots["mask"])
+  order = rl.group_order(P, tree)
+  rows = {name: np.concatenate([roots[name], branches[name]])[order] for name in roots}
+  return rows, {"tree/branched_frac": float(np.mean(found)),
+                "tree/prefix_mean": float(positions.mean())}
+
+
 def draw_groups(run: RunState, objective: Objective, batch, task, processor, sampler: Sampler,
-                key) -> Groups:
-  """G rollouts for each prompt of `batch`, decoded, scored and shaped."""
+                key, steps: step_lib.TrainSteps | None = None, mesh=None, parts: int = 1):
+  """G rollouts for each prompt of `batch` (independent, or a tree when `objective.tree`, which
+  needs `steps` and `mesh` for the entropies), decoded, scored and shaped: (Groups, metrics)."""
   G = objective.group_size
   prepared = sampler.prepare(batch.arrays)
-  rollouts = sampler.sample_prepared(prepared, group_size=G, state=run.params, key=key)
-  texts = completion_texts(processor, sampler, rollouts)
+  if objective.tree is None:
+    rows, metrics = rollout_rows(sampler.sample_prepared(prepared, group_size=G,
+                                                         state=run.params, key=key)), {}
+  else:
+    rows, metrics = tree_rows(run, objective.tree, list(batch.examples), prepared, processor,
+                              sampler, steps, mesh, key, parts)
+  texts = completion_texts(processor, sampler, rows["tokens"], rows["lengths"])
   rewards, scores = score_rollouts(task, batch.records, texts, G)
-  lengths = np.asarray(rollouts.lengths_B)
   shaped = np.asarray(rl.shape_rewards(objective.loss, objective.rollout.replace(
-      max_response_length=objective.max_new_tokens), jnp.asarray(rewards), jnp.asarray(lengths)))
-  rows = {"tokens": np.asarray(rollouts.tokens_BN), "mask": np.asarray(rollouts.mask_BN),
-          "sampler_logprobs": np.asarray(rollouts.logprobs_BN), "lengths": lengths,
-          "truncated": np.asarray(rollouts.truncated_B)}
-  return Groups(list(batch.records), list(batch.examples), prepared, rows, rewards, shaped, scores)
+      max_response_length=objective.max_new_tokens), jnp.asarray(rewards),
+      jnp.asarray(rows["lengths"])))
+  groups = Groups(list(batch.records), list(batch.examples), prepared, rows, rewards, shaped,
+                  scores)
+  return groups, metrics
 
 
 def filter_metric(loss_cfg: rl.LossConfig, groups: Groups) -> np.ndarray:
@@ -369,17 +442,20 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
   loss_cfg, G = objective.loss, objective.group_size
   t0 = time.perf_counter()
   key = jax.random.fold_in(jax.random.key(rng_seed), run.global_step)
-  groups = draw_groups(run, objective, batch, task, processor, sampler, key)
-  sampling_metrics = {}
+  micro_parts = config.train.num_minibatches * config.train.grad_accum_steps
+  drawing = dict(steps=steps, mesh=mesh, parts=micro_parts)
+  groups, sampling_metrics = draw_groups(run, objective, batch, task, processor, sampler, key,
+                                         **drawing)
   if loss_cfg.filter_groups:
     def draw(index):
       more = next_batch() if next_batch is not None else None
       return None if more is None else draw_groups(run, objective, more, task, processor,
-                                                   sampler, jax.random.fold_in(key, index))
-    groups, sampling_metrics = dynamic_sampling(
-        groups, draw, objective, sampler,
-        multiple=config.train.num_minibatches * config.train.grad_accum_steps,
-        wanted=config.train.prompts_per_step)
+                                                   sampler, jax.random.fold_in(key, index),
+                                                   **drawing)[0]
+    groups, filter_metrics = dynamic_sampling(groups, draw, objective, sampler,
+                                              multiple=micro_parts,
+                                              wanted=config.train.prompts_per_step)
+    sampling_metrics.update(filter_metrics)
     if groups is None:
       # Not `skipped_updates`: that one counts non-finite updates since the stage began.
       return {**sampling_metrics, "dynamic_sampling/skipped_update": 1.0,
@@ -390,12 +466,14 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
   reward_metrics = reward_components(groups.scores)
   lengths, truncated = groups.rows["lengths"], groups.rows["truncated"]
   P = len(groups.records)
-  mask = np.asarray(rl.loss_mask(loss_cfg, groups.rows["mask"], truncated))
+  generated = groups.rows["mask"]
+  if "prefix" in groups.rows:  # a branch learns its continuation; its root's prefix is context
+    generated = generated * (1 - groups.rows["prefix"])
+  mask = np.asarray(rl.loss_mask(loss_cfg, generated, truncated))
   rows = {"tokens": groups.rows["tokens"], "mask": groups.rows["mask"],
           "loss_mask": mask, "advantages": None,
           "sampler_logprobs": groups.rows["sampler_logprobs"], "old": None, "ref": None}
   examples = groups.examples
-  micro_parts = config.train.num_minibatches * config.train.grad_accum_steps
   all_prompts = prompt_subsets(P, micro_parts)
   on_policy = config.train.ppo_epochs == 1 and config.train.num_minibatches == 1
   needs_ref = loss_cfg.use_kl_loss or loss_cfg.use_kl_in_reward
@@ -418,7 +496,7 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
     # into each row's reward before the advantages; the controller then moves the coefficient.
     behaviour = rows["old"] if rows["old"] is not None else rows["sampler_logprobs"]
     shaped, kl_B = rl.kl_in_reward(loss_cfg, run.kl_coef, shaped, behaviour, rows["ref"],
-                                   rows["mask"])
+                                   generated)
     shaped, current_kl = np.asarray(shaped), float(np.mean(kl_B))
     kl_metrics = {"kl_in_reward/coef": run.kl_coef, "kl_in_reward/kl": current_kl,
                   "reward/penalised_mean": float(shaped.mean())}
@@ -446,8 +524,12 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
         update_metrics.append(m)
       run.params, run.opt_state, apply_metrics = steps.apply(run.params, run.opt_state, grads)
   t_total = time.perf_counter() - t0
-  valid = rows["mask"].astype(bool)
-  new_tokens = int(valid.sum())
+  new_tokens = int(generated.sum())
+  if objective.tree is not None:  # how the branches fared against the roots they came from
+    is_root_G = np.arange(G) < objective.tree.num_roots
+    by_group = rewards.reshape(P, G)
+    sampling_metrics["tree/root_reward_mean"] = float(by_group[:, is_root_G].mean())
+    sampling_metrics["tree/branch_reward_mean"] = float(by_group[:, ~is_root_G].mean())
   return {
       "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
       **reward_metrics, **kl_metrics, **sampling_metrics,

@@ -142,6 +142,10 @@ def test_cinema_stages_and_numbers():
   assert explore.steps == 300  # §4.3: stage 2 starts from stage 1's step 300
   tree = explore.tree_rollout
   assert (tree.num_roots, tree.branches, tree.entropy_top_k) == (4, 3, 20)  # §4.3
+  # The exploration stage runs tree rollouts; the DAPO stage draws 16 independent rollouts.
+  assert train.build_objective(stage_config(config, explore)).tree == rl.TreeRollout(
+      num_roots=4, branches=3, entropy_top_k=20, min_token_chars=2)
+  assert train.build_objective(stage_config(config, dapo)).tree is None
   for stage in (explore, dapo):
     staged = stage_config(config, stage)
     objective = train.build_objective(staged)

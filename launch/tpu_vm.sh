@@ -2,8 +2,11 @@
 # Runs one command on every worker of a Cloud TPU VM slice (multi-host JAX needs all of them).
 #
 #   launch/tpu_vm.sh NAME ZONE "python -m metaphorstar_jax.demo"
+#   launch/tpu_vm.sh NAME ZONE "python -m metaphorstar_jax.train \
+#       --config=configs/tfq_grpo_7b.py --config.distributed.auto=True ..."
 #
-# The repository is copied to each worker first; jax.distributed discovers the slice by itself.
+# The repository is copied to each worker first; with --config.distributed.auto=True the trainer
+# and evaluator call jax.distributed.initialize(), which discovers the slice by itself.
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 TPU_NAME ZONE COMMAND..." >&2

@@ -27,6 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.image = ml_collections.ConfigDict(dict(min_pixels=3136, max_pixels=12845056))
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  # Multi-host runs: `auto` lets JAX find the cluster (Cloud TPU pod slices, SLURM); or name the
+  # coordinator ("host:port"), the number of processes and this one's id. Default: one process.
+  config.distributed = ml_collections.ConfigDict(dict(
+      auto=False, coordinator_address="", num_processes=1, process_id=0))
 
   config.data = ml_collections.ConfigDict(dict(
       task="shapes",

@@ -163,7 +163,8 @@ def generate(task: Task, records: Sequence[Record], processor, sampler: Sampler,
     batch = processor([task.build_conversation(r) for r in chunk])
     rollouts = sampler(batch, group_size=num_samples, key=jax.random.fold_in(key, start),
                        state=params)
-    tokens_BN, lengths_B = np.asarray(rollouts.tokens_BN), np.asarray(rollouts.lengths_B)
+    tokens_BN = sharding_lib.to_host(rollouts.tokens_BN)
+    lengths_B = sharding_lib.to_host(rollouts.lengths_B)
     for row in range(len(chunk) * num_samples):
       ids = [int(t) for t in tokens_BN[row, :lengths_B[row]] if int(t) not in stops]
       texts[row % num_samples].append(processor.decode(ids, skip_special_tokens=True))
@@ -459,6 +460,8 @@ def cli(argv: Sequence[str]) -> dict:
   if fv.checkpoint and fv.hf_path:
     raise app.UsageError("Give --checkpoint or --hf_path, not both: a training checkpoint already "
                          "holds the weights (its architecture comes from config.model).")
+  if "distributed" in fv.config:
+    sharding_lib.initialize_distributed(**fv.config.distributed.to_dict())
   return run_evaluation(fv.config, checkpoint=fv.checkpoint, step=fv.step, hf_path=fv.hf_path,
                         output_dir=fv.output_dir, num_samples=fv.num_samples,
                         sampling=fv.sampling)

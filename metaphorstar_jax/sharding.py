@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -100,6 +101,40 @@ def parameter_shardings(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = PARA
 
 
 BATCH_AXES = ("data", "fsdp")
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 1,
+                           process_id: int = 0, auto: bool = False) -> None:
+  """Joins this process to a multi-host run (a TPU pod slice, a GPU cluster) before JAX starts.
+
+  With a coordinator address the run is described explicitly; with `auto` JAX finds it from the
+  environment (Cloud TPU, SLURM, Open MPI). Neither: a single-process run, nothing to do. Every
+  process then runs the same program on the same data; arrays span all hosts' devices.
+  """
+  if not coordinator_address and not auto:
+    return
+  # CPU devices need a collectives backend to talk across processes (tests, CPU clusters); the
+  # setting only concerns the CPU client and is ignored by TPU and GPU runs.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  else:
+    jax.distributed.initialize()
+  logging.info("Process %d of %d: %d local of %d devices.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def to_host(array) -> np.ndarray:
+  """A (possibly sharded, possibly multi-host) array as one NumPy array on every process.
+
+  Rows sharded over several hosts are gathered from all of them (every process must call this
+  together); replicated or local arrays are read directly.
+  """
+  if isinstance(array, jax.Array) and not (array.is_fully_addressable
+                                           or array.is_fully_replicated):
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  return np.asarray(array)
 
 
 def place_rows(array, mesh: Mesh | None):

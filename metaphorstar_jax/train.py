@@ -181,7 +181,7 @@ def load_data(config):
 # --- rollouts and scoring -----------------------------------------------------------------------
 
 def completion_texts(processor, sampler: Sampler, tokens_BN, lengths_B) -> list[str]:
-  tokens, lengths = np.asarray(tokens_BN), np.asarray(lengths_B)
+  tokens, lengths = sharding_lib.to_host(tokens_BN), sharding_lib.to_host(lengths_B)
   stops = set(sampler.config.stop_token_ids)
   return [processor.decode([int(t) for t in row[:n] if int(t) not in stops],
                            skip_special_tokens=True) for row, n in zip(tokens, lengths)]
@@ -288,9 +288,10 @@ class Groups:
 
 
 def rollout_rows(rollouts) -> dict[str, np.ndarray]:
-  return {"tokens": np.asarray(rollouts.tokens_BN), "mask": np.asarray(rollouts.mask_BN),
-          "sampler_logprobs": np.asarray(rollouts.logprobs_BN),
-          "lengths": np.asarray(rollouts.lengths_B), "truncated": np.asarray(rollouts.truncated_B)}
+  host = sharding_lib.to_host
+  return {"tokens": host(rollouts.tokens_BN), "mask": host(rollouts.mask_BN),
+          "sampler_logprobs": host(rollouts.logprobs_BN), "lengths": host(rollouts.lengths_B),
+          "truncated": host(rollouts.truncated_B)}
 
 
 _BRANCHABLE: dict[tuple, np.ndarray] = {}
@@ -324,7 +325,7 @@ def tree_rows(run: RunState, tree: rl.TreeRollout, examples, prepared, processor
   subsets = [s for s in np.array_split(np.arange(P), min(parts, P)) if len(s)]
   for subset, (seq, _) in zip(subsets, micro_batches(examples, prepared, roots, subsets, n1,
                                                      sampler, mesh)):
-    entropy[rows_of(subset, n1)] = np.asarray(steps.entropies(run.params, seq))
+    entropy[rows_of(subset, n1)] = sharding_lib.to_host(steps.entropies(run.params, seq))
   table = branchable_table(processor, sampler.model_config.text.vocab_size, tree.min_token_chars)
   positions, found = rl.branch_points(point_key, entropy, roots["tokens"], roots["lengths"],
                                       table, tree.entropy_top_k)
@@ -481,9 +482,9 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
     old, ref = [], []
     for seq, _ in micro_batches(examples, prepared, rows, all_prompts, G, sampler, mesh):
       if not on_policy:
-        old.append(np.asarray(steps.logprobs(run.params, seq)))
+        old.append(sharding_lib.to_host(steps.logprobs(run.params, seq)))
       if needs_ref:
-        ref.append(np.asarray(steps.logprobs(run.ref_params, seq)))
+        ref.append(sharding_lib.to_host(steps.logprobs(run.ref_params, seq)))
     order = rows_of(np.concatenate(all_prompts), G)
     for name, parts in (("old", old), ("ref", ref)):
       if parts:
@@ -751,6 +752,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  sharding_lib.initialize_distributed(**config.distributed.to_dict())
   start = time.perf_counter()
   results = train(config)
   summary = {k: v for k, v in results.items() if k not in ("final_params", "evaluations")}

@@ -55,10 +55,16 @@ class Checkpointer:
     return restored.arrays, restored.data, restored.meta
 
   def restore_saved_arrays(self, step: int) -> Any:
-    """The arrays of step `step` as saved, on the host (no target structure or sharding needed),
-    e.g. to read the parameters of a training run for evaluation or export."""
+    """The arrays of step `step` as saved, on this process's first device (no target structure
+    or sharding needed), e.g. to evaluate or export a run on another machine. Without a target
+    Orbax would insist on the saving run's device topology (a pod's checkpoint on a workstation)."""
+    saved = ocp.StandardCheckpointer().metadata(
+        os.path.join(self.directory, str(step), "arrays")).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          saved)
     return self._manager.restore(step, args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore())).arrays
+        arrays=ocp.args.StandardRestore(target))).arrays
 
   def restore_meta(self, step: int) -> dict:
     """Only the JSON metadata of step `step` (which stage, which step), without the arrays."""

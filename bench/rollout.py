@@ -3,7 +3,8 @@
 Same random 'small' model (bench_models.md), same one-image prompts, fixed-length completions
 (stop tokens ignored), fp32 on CPU, in one process. transformers draws the group with
 `num_return_sequences=G`, which repeats every prompt G times (images included); we encode and
-prefill each prompt once and tile its KV cache. Prints one JSON line; logs go to stderr.
+prefill each prompt once and its G rows share its KV cache. Prints one JSON line; logs go to
+stderr.
 
     python bench/rollout.py                       # P=2,G=8 and P=16,G=5, 64 new tokens
     python -m bench.rollout --model tiny --shapes 2x2 --new_tokens 8 --repeats 1

@@ -149,7 +149,7 @@ def generate(task: Task, records: Sequence[Record], processor, sampler: Sampler,
              progress: bool = False) -> list[list[str]]:
   """texts[k][i]: the k-th of `num_samples` completions of records[i].
 
-  The K samples of a record come from one prefill whose cache is tiled K times (group_size=K).
+  The K samples of a record come from one prefill whose cache they share (group_size=K).
   """
   key = jax.random.key(0) if key is None else key
   stops = set(sampler.config.stop_token_ids)

@@ -12,6 +12,7 @@ from metaphorstar_jax import sharding
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import (Sampler, SamplingConfig, generate, next_tokens,
                                        token_logprobs)
+from metaphorstar_jax.sampling.logits_processing import first_max_index
 from test_qwen2_5_vl_model import tiny_batch
 
 VISION_SPECIALS = [151652, 151653, 151655, 151656]
@@ -178,6 +179,21 @@ def test_banned_tokens_are_never_drawn_and_logprobs_use_full_vocab():
   want = expected_distribution(banned=(0, 2))
   assert np.all(np.abs(got - want) <= 5 * np.sqrt(want * (1 - want) / n) + 1e-9)
   np.testing.assert_allclose(np.asarray(logprobs), TOY_LOGITS[np.asarray(tokens)], atol=1e-6)
+
+
+def test_first_max_index_is_argmax_and_draws_are_jax_categorical():
+  x = np.array(jax.random.normal(jax.random.key(0), (8, 300)))
+  x[1, [4, 9]] = 5.0          # ties: the first wins
+  x[2] = -np.inf              # nothing allowed
+  x[3, [7, 2]] = np.nan       # the first NaN, as argmax
+  x[4, [5, 11]] = np.inf
+  np.testing.assert_array_equal(np.asarray(first_max_index(jnp.asarray(x))), np.argmax(x, -1))
+  logits = jnp.asarray(x[5:]).at[:, :10].set(-jnp.inf)
+  for seed in range(5):
+    key = jax.random.key(seed)
+    tokens, _ = next_tokens(key, logits, greedy=False, temperature=1.0, top_k=0, top_p=1.0)
+    np.testing.assert_array_equal(np.asarray(tokens),
+                                  np.asarray(jax.random.categorical(key, logits, axis=-1)))
 
 
 def test_vision_tokens_are_never_sampled_even_when_most_likely():

@@ -53,6 +53,19 @@ def token_logprobs(logits_BV, tokens_B, temperature: float):
   return jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
 
 
+def first_max_index(x_BV):
+  """jnp.argmax over the last axis (the first maximum; the first NaN if any), as int32.
+
+  Written as single-operand reductions: XLA CPU runs argmax's (value, index) reduction
+  unvectorised, several times slower over a vocabulary-wide row.
+  """
+  V = x_BV.shape[-1]
+  index_V = jnp.arange(V, dtype=jnp.int32)
+  is_nan_BV = jnp.isnan(x_BV)
+  is_max_BV = (x_BV == jnp.max(x_BV, axis=-1, keepdims=True)) | is_nan_BV
+  return jnp.min(jnp.where(is_max_BV, index_V, V), axis=-1)
+
+
 def next_tokens(key, logits_BV, *, greedy: bool, temperature: float, top_k: int, top_p: float,
                 banned_ids: tuple[int, ...] = ()):
   """Draws one token per row: temperature, then top-k, then top-p, as transformers orders them.
@@ -63,8 +76,10 @@ def next_tokens(key, logits_BV, *, greedy: bool, temperature: float, top_k: int,
   logits_BV = logits_BV.astype(jnp.float32)
   allowed_BV = ban_tokens(logits_BV, banned_ids)
   if greedy:
-    tokens_B = jnp.argmax(allowed_BV, axis=-1).astype(jnp.int32)
+    tokens_B = first_max_index(allowed_BV)
     return tokens_B, token_logprobs(logits_BV, tokens_B, 1.0)
   filtered_BV = top_p_filter(top_k_filter(allowed_BV / temperature, top_k), top_p)
-  tokens_B = jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
+  # The Gumbel-max draw of jax.random.categorical, with its argmax made cheaper: same tokens.
+  gumbel_BV = jax.random.gumbel(key, filtered_BV.shape, filtered_BV.dtype)
+  tokens_B = first_max_index(gumbel_BV + filtered_BV)
   return tokens_B, token_logprobs(logits_BV, tokens_B, temperature)

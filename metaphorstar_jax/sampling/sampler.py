@@ -1,12 +1,13 @@
 """Batched on-device rollouts for Qwen2.5-VL: P prompts × G samples per call.
 
-Each prompt's images are encoded and its prompt prefilled once; the KV cache is then tiled G
-times and one `lax.while_loop` decodes every row until all rows have stopped or spent their
-budget. Weights are arguments of the two jitted functions, so a policy update never recompiles;
+Each prompt's images are encoded and its prompt prefilled once; its G rows then share that KV
+cache (each row attends over its prompt's cache, never tiled, and its own completion cache) and
+one `lax.while_loop` decodes every row until all rows have stopped or spent their budget.
+Weights are arguments of the two jitted functions, so a policy update never recompiles;
 prompt length, patch count and image count are padded to buckets so a run compiles few programs.
 
 Shape letters: P prompts, G samples per prompt, B = P·G rows, T prompt tokens (bucketed),
-N new tokens (max_new_tokens), L cache length (T + N), S patches, V vocabulary.
+N new tokens (max_new_tokens), S patches, V vocabulary.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ class Sampler:
     # Qwen pads with <|endoftext|>, which the configs also name as bos.
     self.pad_id = next((t for t in (cfg.pad_token_id, cfg.bos_token_id) if t is not None), 0)
     self.compiled_programs = 0  # incremented while tracing, i.e. once per compiled program
-    self._prefill = jax.jit(self._prefill_fn, static_argnames=("group_size", "cache_length"))
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("group_size", "new_tokens"))
     self._decode = jax.jit(self._decode_fn, donate_argnames=("carry",))
 
   # --- traced functions --------------------------------------------------------------------
@@ -149,23 +150,25 @@ class Sampler:
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
   def _prefill_fn(self, state, input_ids_PT, attention_mask_PT, pixel_values_SP, image_grid_thw,
-                  *, group_size: int, cache_length: int):
+                  *, group_size: int, new_tokens: int):
     self.compiled_programs += 1
     model = nnx.merge(self.graphdef, state)
     num_prompts, prompt_len = input_ids_PT.shape
     positions_3PT, deltas_P = model.position_ids(input_ids_PT, attention_mask_PT, image_grid_thw)
     x_PTD = model.embed(input_ids_PT, pixel_values_SP, image_grid_thw)
     cache_dtype = jnp.dtype(self.config.cache_dtype or model.config.compute_dtype)
-    cache = model.init_cache(num_prompts, cache_length, cache_dtype)
-    # Generated slots count as valid from the start; causality hides the ones not yet written.
-    kv_valid_PL = jnp.concatenate(
-        [attention_mask_PT > 0, jnp.ones((num_prompts, cache_length - prompt_len), bool)], axis=1)
-    hidden_PTD, cache = model.cached_hidden_states(x_PTD, positions_3PT, cache, 0, kv_valid_PL)
+    prompt_valid_PT = attention_mask_PT > 0
+    hidden_PTD, prompt_cache = model.cached_hidden_states(
+        x_PTD, positions_3PT, model.init_cache(num_prompts, prompt_len, cache_dtype), 0,
+        prompt_valid_PT)
     logits_PV = model.logits(hidden_PTD[:, -1]).astype(jnp.float32)
     next_position_P = deltas_P + attention_mask_PT.sum(axis=1).astype(jnp.int32)
 
     tile = lambda a: self._constrain_rows(jnp.repeat(a, group_size, axis=0))
-    return dict(cache=jax.tree.map(tile, cache), kv_valid=tile(kv_valid_PL),
+    return dict(prompt_cache=jax.tree.map(self._constrain_rows, prompt_cache),
+                prompt_valid=self._constrain_rows(prompt_valid_PT),
+                cache=jax.tree.map(self._constrain_rows, model.init_cache(
+                    num_prompts * group_size, new_tokens, cache_dtype)),
                 logits=tile(logits_PV), next_position=tile(next_position_P))
 
   def _decode_fn(self, state, carry, key, budget_B):
@@ -174,7 +177,9 @@ class Sampler:
     model = nnx.merge(self.graphdef, state)
     stop_ids = jnp.asarray(cfg.stop_token_ids, jnp.int32)
     B, N = carry["tokens"].shape
-    prompt_len = carry["kv_valid"].shape[1] - N
+    prefix = (carry["prompt_cache"], carry["prompt_valid"])
+    # Completion slots count as valid from the start; causality hides the ones not yet written.
+    kv_valid_BN = jnp.ones((B, N), bool)
 
     def cond(c):
       return (c["step"] < N) & ~jnp.all(c["done"])
@@ -192,7 +197,7 @@ class Sampler:
       x_B1D = model.embed(tokens_B[:, None])
       positions_3B1 = jnp.broadcast_to(c["next_position"][None, :, None], (3, B, 1))
       hidden_B1D, cache = model.cached_hidden_states(x_B1D, positions_3B1, c["cache"],
-                                                     prompt_len + c["step"], c["kv_valid"])
+                                                     c["step"], kv_valid_BN, prefix)
       return dict(
           c,
           step=c["step"] + 1,
@@ -257,10 +262,10 @@ class Sampler:
       key = jax.random.key(0)
     state = self.state if state is None else state
     ids, mask, pixels, grids = prepared
-    num_prompts, prompt_len = ids.shape
+    num_prompts = ids.shape[0]
     rows, new = num_prompts * group_size, cfg.max_new_tokens
     prefilled = self._prefill(state, self._place_rows(ids), self._place_rows(mask), pixels,
-                              grids, group_size=group_size, cache_length=prompt_len + new)
+                              grids, group_size=group_size, new_tokens=new)
     budget = (np.full(rows, new, np.int32) if max_new_tokens_per_row is None
               else np.minimum(np.asarray(max_new_tokens_per_row, np.int32), new))
     carry = dict(

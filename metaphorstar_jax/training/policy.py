@@ -54,8 +54,7 @@ def completion_hidden_states(model, batch: SequenceBatch):
   first_B = tile(deltas_P + batch.prompt_mask_PT.sum(axis=1).astype(jnp.int32))
   positions_BF = first_B[:, None] + jnp.arange(fed, dtype=jnp.int32)[None]
   # Room for the completions' own keys after the prompt's (L = T + F slots per row).
-  cache = jax.tree.map(lambda a_PTKH: tile(jnp.pad(a_PTKH, ((0, 0), (0, fed), (0, 0), (0, 0)))),
-                       cache)
+  cache = jax.tree.map(tile, model.extend_cache(cache, fed))
   kv_valid_BL = jnp.concatenate(
       [tile(prompt_valid_PT), batch.completion_mask_BN[:, :fed] > 0], axis=1)
   hidden_BFD, _ = model.cached_hidden_states(

@@ -1,7 +1,8 @@
 """Building blocks shared by the ViT and the decoder: RMSNorm, SwiGLU, rotary helpers, attention.
 
 Shape letters: B batch, T query tokens, S key tokens, D width, N query heads, K kv heads,
-G query heads per kv head, H head dim, F rotary frequencies.
+G query heads per kv head, H head dim, F rotary frequencies; for a shared prefix: P prefix rows,
+C = B / P rows sharing each, R prefix tokens.
 """
 
 from __future__ import annotations
@@ -65,20 +66,60 @@ def inverse_frequencies(rotary_dim: int, theta: float):
   return 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
   """Softmax attention with grouped kv heads; logits and softmax in fp32.
 
+  Keys and values come kv-head-major, (B, K, S, H), the KV cache's layout: both products then
+  read them in place, where (B, S, K, H) made XLA copy the whole cache every decode step.
   mask_BTS is True where a query may see a key. Rows with no visible key return zeros rather
   than NaN (left padding produces them).
   """
   B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
+  K = k_BKSH.shape[1]
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+  logits_BKGTS = jnp.einsum("btkgh,bksh->bkgts", q_BTKGH, k_BKSH,
                             preferred_element_type=jnp.float32) * (H ** -0.5)
   mask_B11TS = mask_BTS[:, None, None]
   logits_BKGTS = jnp.where(mask_B11TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-  probs_BKGTS = jnp.where(mask_B11TS, probs_BKGTS, 0.0).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
-  return out_BTKGH.reshape(B, T, N, H)
+  probs_BKGTS = jnp.where(mask_B11TS, probs_BKGTS, 0.0).astype(v_BKSH.dtype)
+  # Heads-major output keeps this a plain batched matmul; the transpose after it is small.
+  out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH)
+  return jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).reshape(B, T, N, H)
+
+
+def attend_after_prefix(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix_k_PKRH, prefix_v_PKRH,
+                        prefix_mask_PR):
+  """`attend` over [prefix keys ; own keys], each prefix row shared by C = B / P adjacent rows.
+
+  Matches `attend` on the prefix tiled C times and put before the own keys, up to rounding (the
+  softmax is split in two with a shared max and sum), without reading each shared prompt's keys
+  C times: in group sampling that read was most of attention's cost.
+  """
+  B, T, N, H = q_BTNH.shape
+  P, K, R, _ = prefix_k_PKRH.shape
+  C, G = B // P, N // K
+  lowest = jnp.finfo(jnp.float32).min
+  q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+  own_BKGTS = jnp.einsum("btkgh,bksh->bkgts", q_BTKGH, k_BKSH,
+                         preferred_element_type=jnp.float32) * (H ** -0.5)
+  shared_PKCGTR = jnp.einsum("pctkgh,pkrh->pkcgtr", q_BTKGH.reshape(P, C, T, K, G, H),
+                             prefix_k_PKRH, preferred_element_type=jnp.float32) * (H ** -0.5)
+  own_mask_B11TS = mask_BTS[:, None, None]
+  shared_mask_P1111R = prefix_mask_PR[:, None, None, None, None, :]
+  own_BKGTS = jnp.where(own_mask_B11TS, own_BKGTS, lowest)
+  shared_PKCGTR = jnp.where(shared_mask_P1111R, shared_PKCGTR, lowest)
+  to_rows = lambda a_PKCGT_: jnp.swapaxes(a_PKCGT_, 1, 2).reshape(B, K, G, T, *a_PKCGT_.shape[5:])
+  to_prefix = lambda a_BKGT: jnp.swapaxes(a_BKGT.reshape(P, C, K, G, T), 1, 2)
+  max_BKGT = jnp.maximum(own_BKGTS.max(axis=-1), to_rows(shared_PKCGTR.max(axis=-1)))
+  own_BKGTS = jnp.where(own_mask_B11TS, jnp.exp(own_BKGTS - max_BKGT[..., None]), 0.0)
+  shared_PKCGTR = jnp.where(shared_mask_P1111R,
+                            jnp.exp(shared_PKCGTR - to_prefix(max_BKGT)[..., None]), 0.0)
+  sum_BKGT = own_BKGTS.sum(axis=-1) + to_rows(shared_PKCGTR.sum(axis=-1))
+  # Rows with no visible key keep zero probabilities (and output), as in `attend`.
+  sum_BKGT = jnp.where(sum_BKGT > 0, sum_BKGT, 1.0)
+  own_BKGTS = (own_BKGTS / sum_BKGT[..., None]).astype(v_BKSH.dtype)
+  shared_PKCGTR = (shared_PKCGTR / to_prefix(sum_BKGT)[..., None]).astype(v_BKSH.dtype)
+  out_BKGTH = (jnp.einsum("bkgts,bksh->bkgth", own_BKGTS, v_BKSH)
+               + to_rows(jnp.einsum("pkcgtr,pkrh->pkcgth", shared_PKCGTR, prefix_v_PKRH)))
+  return jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).reshape(B, T, N, H)

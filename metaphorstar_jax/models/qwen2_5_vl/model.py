@@ -12,7 +12,7 @@ from flax import nnx
 
 from metaphorstar_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from metaphorstar_jax.models.qwen2_5_vl.positions import rope_index
-from metaphorstar_jax.models.qwen2_5_vl.text import TextModel, init_cache
+from metaphorstar_jax.models.qwen2_5_vl.text import TextModel, extend_cache, init_cache
 from metaphorstar_jax.models.qwen2_5_vl.vision import VisionTower
 
 
@@ -93,7 +93,12 @@ class Qwen2_5_VL(nnx.Module):
     """An empty KV cache for `batch` rows of `length` tokens (compute dtype by default)."""
     return init_cache(self.config.text, batch, length, dtype or self.config.compute_dtype)
 
-  def cached_hidden_states(self, x_BTD, position_ids_3BT, cache, cache_index, kv_valid_BS):
+  def extend_cache(self, cache, extra: int):
+    """`cache` with `extra` more empty slots per row (its layout stays the model's business)."""
+    return extend_cache(cache, extra)
+
+  def cached_hidden_states(self, x_BTD, position_ids_3BT, cache, cache_index, kv_valid_BS,
+                           prefix=None):
     """Decoder states for embeddings written into `cache` at `cache_index` (prefill or decode).
 
     Args:
@@ -102,6 +107,9 @@ class Qwen2_5_VL(nnx.Module):
       cache: from `init_cache`; its length S bounds prompt plus completion.
       cache_index: slot of the first new token (a scalar, the same for every row).
       kv_valid_BS: True for cache slots holding real tokens (False for left padding).
+      prefix: optional (prefix_cache, prefix_valid_PR): the filled cache of P earlier sequences
+        (e.g. prompts), each shared by B / P adjacent rows and attended before `cache`, so a
+        group of completions reads its prompt's keys once instead of from G tiled copies.
 
     Returns:
       Hidden states (B, T, D) and the updated cache.
@@ -110,7 +118,7 @@ class Qwen2_5_VL(nnx.Module):
     slot_S = jnp.arange(S)
     query_slot_T = cache_index + jnp.arange(T)
     mask_BTS = (slot_S[None, :] <= query_slot_T[:, None])[None] & kv_valid_BS[:, None, :]
-    return self.language_model(x_BTD, position_ids_3BT, mask_BTS, cache, cache_index)
+    return self.language_model(x_BTD, position_ids_3BT, mask_BTS, cache, cache_index, prefix)
 
   def logits(self, hidden_BTD):
     """LM head over hidden states: (..., V)."""

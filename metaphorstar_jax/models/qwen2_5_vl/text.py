@@ -42,9 +42,12 @@ class Attention(nnx.Module):
     self.v_proj = nnx.Linear(cfg.hidden_size, cfg.num_key_value_heads * H, use_bias=True, **kw)
     self.o_proj = nnx.Linear(cfg.num_attention_heads * H, cfg.hidden_size, use_bias=False, **kw)
 
-  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
-    """Self-attention; with `cache` ({'k','v'}: (B, S, K, H)) the new keys and values are written
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None,
+               prefix=None):
+    """Self-attention; with `cache` ({'k','v'}: (B, K, S, H)) the new keys and values are written
     at `cache_index` and the queries attend over the whole cache (mask_BTS then spans it).
+    With `prefix` (({'k','v'}: (P, K, R, H)), mask_PR) they first attend over a read-only prefix
+    shared by each run of B / P rows (see `layers.attend_after_prefix`).
 
     Returns the output (B, T, D) and the updated cache (None without one).
     """
@@ -54,13 +57,20 @@ class Attention(nnx.Module):
     v_BTKH = self.v_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
     cos, sin = cos_BTH[:, :, None], sin_BTH[:, :, None]
     q_BTNH = layers.apply_rotary(q_BTNH, cos, sin).astype(q_BTNH.dtype)
-    k_BTKH = layers.apply_rotary(k_BTKH, cos, sin).astype(k_BTKH.dtype)
+    k_BKTH = jnp.swapaxes(layers.apply_rotary(k_BTKH, cos, sin).astype(k_BTKH.dtype), 1, 2)
+    v_BKTH = jnp.swapaxes(v_BTKH, 1, 2)
     if cache is not None:
-      start = (0, cache_index, 0, 0)
-      cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_BTKH.astype(cache["k"].dtype), start),
-               "v": jax.lax.dynamic_update_slice(cache["v"], v_BTKH.astype(cache["v"].dtype), start)}
-      k_BTKH, v_BTKH = cache["k"].astype(q_BTNH.dtype), cache["v"].astype(q_BTNH.dtype)
-    out_BTNH = layers.attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
+      write = lambda a_BKSH, new_BKTH: jax.lax.dynamic_update_slice(
+          a_BKSH, new_BKTH.astype(a_BKSH.dtype), (0, 0, cache_index, 0))
+      cache = {"k": write(cache["k"], k_BKTH), "v": write(cache["v"], v_BKTH)}
+      k_BKTH, v_BKTH = cache["k"].astype(q_BTNH.dtype), cache["v"].astype(q_BTNH.dtype)
+    if prefix is None:
+      out_BTNH = layers.attend(q_BTNH, k_BKTH, v_BKTH, mask_BTS)
+    else:
+      shared, shared_mask_PR = prefix
+      out_BTNH = layers.attend_after_prefix(q_BTNH, k_BKTH, v_BKTH, mask_BTS,
+                                            shared["k"].astype(q_BTNH.dtype),
+                                            shared["v"].astype(q_BTNH.dtype), shared_mask_PR)
     return self.o_proj(out_BTNH.reshape(B, T, -1)), cache
 
 
@@ -75,9 +85,10 @@ class DecoderLayer(nnx.Module):
     self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
                              use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None,
+               prefix=None):
     attn_BTD, cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS,
-                                     cache, cache_index)
+                                     cache, cache_index, prefix)
     x_BTD = x_BTD + attn_BTD
     return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), cache
 
@@ -96,7 +107,8 @@ class TextModel(nnx.Module):
                             for _ in range(cfg.num_hidden_layers)])
     self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
-  def __call__(self, x_BTD, position_ids_3BT, mask_BTS, cache=None, cache_index=None):
+  def __call__(self, x_BTD, position_ids_3BT, mask_BTS, cache=None, cache_index=None,
+               prefix=None):
     """Runs the decoder over input embeddings.
 
     Args:
@@ -104,6 +116,8 @@ class TextModel(nnx.Module):
       position_ids_3BT: M-RoPE ids.
       mask_BTS: True where query t may attend key s (S = T without a cache, the cache length with).
       cache: optional per-layer KV cache from `init_cache`, written at `cache_index`.
+      prefix: optional (per-layer cache of P rows, mask_PR): keys all rows attend before their
+        own, each prefix row shared by B / P adjacent rows; read, never written.
 
     Returns:
       Final-normed hidden states (B, T, D) and the updated cache (None without one).
@@ -112,17 +126,25 @@ class TextModel(nnx.Module):
     new_cache = []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
+      layer_prefix = None if prefix is None else (prefix[0][i], prefix[1])
       if self.remat:
         x_BTD, layer_cache = nnx.remat(lambda l, *a: l(*a))(layer, x_BTD, cos_BTH, sin_BTH,
-                                                             mask_BTS, layer_cache, cache_index)
+                                                             mask_BTS, layer_cache, cache_index,
+                                                             layer_prefix)
       else:
-        x_BTD, layer_cache = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, layer_cache, cache_index)
+        x_BTD, layer_cache = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, layer_cache, cache_index,
+                                   layer_prefix)
       new_cache.append(layer_cache)
     return self.norm(x_BTD), (None if cache is None else tuple(new_cache))
 
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> tuple[dict, ...]:
-  """An empty KV cache: per layer {'k', 'v'} of shape (batch, length, K, H)."""
-  shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+  """An empty KV cache: per layer {'k', 'v'} of shape (batch, K, length, H)."""
+  shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
   return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
                for _ in range(cfg.num_hidden_layers))
+
+
+def extend_cache(cache, extra: int):
+  """The cache with `extra` empty slots appended to every row's length axis."""
+  return jax.tree.map(lambda a_BKSH: jnp.pad(a_BKSH, ((0, 0), (0, 0), (0, extra), (0, 0))), cache)

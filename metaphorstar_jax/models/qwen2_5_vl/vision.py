@@ -10,9 +10,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metaphorstar_jax.models.qwen2_5_vl import layers
+from metaphorstar_jax.models.qwen2_5_vl import layers, vision_attention
 from metaphorstar_jax.models.qwen2_5_vl.config import VisionConfig
 from metaphorstar_jax.models.qwen2_5_vl.positions import VisionLayout, vision_layout
+
+# Queries per step of the full-attention blocks: bounds their logits to FRAME_CHUNK × S per head.
+FRAME_CHUNK = 512
+
+
+def _run_block(block, x_SD, cos_SH, sin_SH, segments_S, width: int):
+  return block(x_SD, cos_SH, sin_SH, segments_S, width)
 
 
 class VisionAttention(nnx.Module):
@@ -23,15 +30,20 @@ class VisionAttention(nnx.Module):
     self.qkv = nnx.Linear(cfg.hidden_size, 3 * cfg.hidden_size, **kw)
     self.proj = nnx.Linear(cfg.hidden_size, cfg.hidden_size, **kw)
 
-  def __call__(self, x_SD, cos_SH, sin_SH, mask_SS):
+  def __call__(self, x_SD, cos_SH, sin_SH, segments_S, window_block: int):
+    """Attention within segments: windows of at most `window_block` patches, or, when
+    `window_block` is 0, whole frames (see vision_attention)."""
     S, D = x_SD.shape
     qkv = self.qkv(x_SD).reshape(S, 3, self.num_heads, D // self.num_heads)
     q_SNH, k_SNH, v_SNH = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     # The vision rotary runs in fp32 and casts back, unlike the decoder's.
     rotate = lambda t: layers.apply_rotary(t.astype(jnp.float32), cos_SH[:, None],
                                            sin_SH[:, None]).astype(t.dtype)
-    out_SNH = layers.attend(rotate(q_SNH)[None], rotate(k_SNH)[None], v_SNH[None],
-                            mask_SS[None])[0]
+    q_SNH, k_SNH = rotate(q_SNH), rotate(k_SNH)
+    if window_block:
+      out_SNH = vision_attention.window_attention(q_SNH, k_SNH, v_SNH, segments_S, window_block)
+    else:
+      out_SNH = vision_attention.frame_attention(q_SNH, k_SNH, v_SNH, segments_S, FRAME_CHUNK)
     return self.proj(out_SNH.reshape(S, D))
 
 
@@ -44,8 +56,8 @@ class VisionBlock(nnx.Module):
     self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
                              use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x_SD, cos_SH, sin_SH, mask_SS):
-    x_SD = x_SD + self.attn(self.norm1(x_SD), cos_SH, sin_SH, mask_SS)
+  def __call__(self, x_SD, cos_SH, sin_SH, segments_S, window_block: int):
+    x_SD = x_SD + self.attn(self.norm1(x_SD), cos_SH, sin_SH, segments_S, window_block)
     return x_SD + self.mlp(self.norm2(x_SD))
 
 
@@ -106,13 +118,15 @@ class VisionTower(nnx.Module):
     emb_SH = jnp.concatenate([angles_SF, angles_SF], axis=-1)
     cos_SH, sin_SH = jnp.cos(emb_SH), jnp.sin(emb_SH)
 
-    window_mask = layout.window_segments_S[:, None] == layout.window_segments_S[None, :]
-    frame_mask = layout.frame_segments_S[:, None] == layout.frame_segments_S[None, :]
+    # A window is a contiguous run of at most window_cells² merged cells in window order.
+    window_block = (cfg.window_size // cfg.patch_size) ** 2
     full_blocks = set(cfg.fullatt_block_indexes)
     for i, block in enumerate(self.blocks):
-      mask = frame_mask if i in full_blocks else window_mask
-      if self.remat:
-        x_SD = nnx.remat(lambda b, *a: b(*a))(block, x_SD, cos_SH, sin_SH, mask)
+      segments_S, width = ((layout.frame_segments_S, 0) if i in full_blocks
+                           else (layout.window_segments_S, window_block))
+      if self.remat:  # the width picks the attention kind: a static argument
+        x_SD = nnx.remat(_run_block, static_argnums=(5,))(block, x_SD, cos_SH, sin_SH,
+                                                          segments_S, width)
       else:
-        x_SD = block(x_SD, cos_SH, sin_SH, mask)
+        x_SD = block(x_SD, cos_SH, sin_SH, segments_S, width)
     return self.merger(x_SD)[layout.reverse_index_C]

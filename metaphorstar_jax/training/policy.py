@@ -1,12 +1,11 @@
 """Teacher-forced log-probabilities of completions under the policy, with images encoded once.
 
-A group's G completions share one prompt: its images go through the ViT once and the decoder runs
-over it once; its KV cache is tiled G times, exactly as the sampler does, so the trainer never
-pays G encodes or G prompt passes.
+A group's G completions share one prompt: its images go through the ViT once, the decoder runs
+over it once, and the G completions read its KV cache without copies, exactly as the sampler
+does, so the trainer never pays G encodes, G prompt passes or G prompt caches.
 
 Shape letters: P prompts, G group size, B = P·G rows, T prompt tokens, N completion tokens,
-F = N - 1 completion tokens fed to the decoder, L = T + F cache length, D width, V vocabulary,
-S patches.
+F = N - 1 completion tokens fed to the decoder, D width, V vocabulary, S patches.
 """
 
 from __future__ import annotations
@@ -31,9 +30,9 @@ class SequenceBatch(NamedTuple):
 def completion_hidden_states(model, batch: SequenceBatch):
   """Decoder states (B, N, D) that predict each completion token (one step to its left).
 
-  The decoder runs once over the P prompts, filling a KV cache; the cache is tiled G times (as
-  the sampler does) and the B completions run through the cached path, attending to [prompt keys ;
-  their own causal keys]. Equal to one full pass over the G-tiled prompt+completion rows, at 1/G
+  The decoder runs once over the P prompts, filling a KV cache that each group of G completions
+  shares (as the sampler does); the B completions run through the cached path, attending to
+  [their prompt's keys ; their own causal keys]. Equal to one full pass over the G-tiled prompt+completion rows, at 1/G
   of the prompt's cost, and differentiable through both passes. The last completion token is
   never fed: nothing reads its state.
   """
@@ -53,13 +52,12 @@ def completion_hidden_states(model, batch: SequenceBatch):
   # Completion positions continue from the prompt's, like the sampler's decode positions.
   first_B = tile(deltas_P + batch.prompt_mask_PT.sum(axis=1).astype(jnp.int32))
   positions_BF = first_B[:, None] + jnp.arange(fed, dtype=jnp.int32)[None]
-  # Room for the completions' own keys after the prompt's (L = T + F slots per row).
-  cache = jax.tree.map(tile, model.extend_cache(cache, fed))
-  kv_valid_BL = jnp.concatenate(
-      [tile(prompt_valid_PT), batch.completion_mask_BN[:, :fed] > 0], axis=1)
+  # The completions attend to their prompt's keys, shared by the group as in the sampler (read
+  # once, never tiled), then to their own causal keys.
   hidden_BFD, _ = model.cached_hidden_states(
       model.language_model.embed_tokens(batch.completion_BN[:, :fed]),
-      jnp.broadcast_to(positions_BF[None], (3, B, fed)), cache, T, kv_valid_BL)
+      jnp.broadcast_to(positions_BF[None], (3, B, fed)), model.init_cache(B, fed), 0,
+      batch.completion_mask_BN[:, :fed] > 0, prefix=(cache, prompt_valid_PT))
   return jnp.concatenate([last_B1D, hidden_BFD], axis=1)
 
 

@@ -32,9 +32,9 @@ def completion_hidden_states(model, batch: SequenceBatch):
 
   The decoder runs once over the P prompts, filling a KV cache that each group of G completions
   shares (as the sampler does); the B completions run through the cached path, attending to
-  [their prompt's keys ; their own causal keys]. Equal to one full pass over the G-tiled prompt+completion rows, at 1/G
-  of the prompt's cost, and differentiable through both passes. The last completion token is
-  never fed: nothing reads its state.
+  [their prompt's keys ; their own causal keys]. Equal to one full pass over the G-tiled
+  prompt+completion rows, at 1/G of the prompt's cost, and differentiable through both passes.
+  The last completion token is never fed: nothing reads its state.
   """
   P, T = batch.prompt_ids_PT.shape
   B, N = batch.completion_BN.shape

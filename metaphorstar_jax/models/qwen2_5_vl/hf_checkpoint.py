@@ -237,14 +237,6 @@ def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=Non
   return nnx.merge(graphdef, state)
 
 
-def _host_array(x: jax.Array) -> np.ndarray:
-  """The whole value of a (possibly multi-host sharded) array on this host."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # only needed on pods
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def _to_hf(entry: Entry, value: np.ndarray, config) -> np.ndarray:
   if entry.kind == "linear":
     return np.ascontiguousarray(value.T)
@@ -310,7 +302,7 @@ def save_pretrained(model: Qwen2_5_VL, out_dir: str | os.PathLike, *,
   for file_name, shard in zip(_shard_names(len(shards)), shards):
     tensors = {}
     for entry in shard:
-      value = _host_array(flat[entry.path].get_value())  # every host joins the gather
+      value = sharding_lib.to_host(flat[entry.path].get_value())  # every host joins the gather
       if disk_dtype is not None:
         value = value.astype(disk_dtype)
       tensors[entry.hf_name] = _to_hf(entry, value, config)

@@ -24,6 +24,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_FLAGS = ["--config=configs/tfq_grpo_tiny.py:smoke",
                "--config.data.task_options.num_records=16",
                "--config.data.eval_task_options.num_records=4",
+               # 4 prompts × 2 samples: 8 rows, so rollouts are split over all 8 devices and
+               # each host holds only its own rows (fewer rows would be replicated).
+               "--config.train.prompts_per_step=4", "--config.rl.group_size=2",
                "--config.log.progress_bar=False", "--config.log.tensorboard=False",
                "--config.checkpoint.async_save=False"]
 

@@ -311,21 +311,19 @@ def branchable_table(processor, vocab_size: int, min_chars: int) -> np.ndarray:
 
 
 def tree_rows(run: RunState, tree: rl.TreeRollout, examples, prepared, processor,
-              sampler: Sampler, steps: step_lib.TrainSteps, mesh, key, parts: int):
+              sampler: Sampler, key):
   """Rows of entropy-branched groups (rl/tree.py): num_roots rollouts per prompt, each cut
   before one of its highest-entropy tokens and continued `branches` times from there. The
-  entropies come from the policy itself, `parts` prompts subsets at a time, as CURE asks its
-  actor."""
+  entropies are the policy's own, as CURE asks its actor; the sampler reports them as it draws
+  (`return_entropy`), which saves a pass over the roots."""
+  if not sampler.config.return_entropy:
+    raise ValueError("Tree rollouts branch at high-entropy tokens: build the sampler with "
+                     "SamplingConfig(return_entropy=True).")
   n1, n2 = tree.num_roots, tree.branches
   P, N = len(examples), sampler.config.max_new_tokens
   root_key, point_key, branch_key = jax.random.split(key, 3)
-  roots = rollout_rows(sampler.sample_prepared(prepared, group_size=n1, state=run.params,
-                                               key=root_key))
-  entropy = np.zeros(roots["tokens"].shape, np.float32)
-  subsets = [s for s in np.array_split(np.arange(P), min(parts, P)) if len(s)]
-  for subset, (seq, _) in zip(subsets, micro_batches(examples, prepared, roots, subsets, n1,
-                                                     sampler, mesh)):
-    entropy[rows_of(subset, n1)] = sharding_lib.to_host(steps.entropies(run.params, seq))
+  drawn = sampler.sample_prepared(prepared, group_size=n1, state=run.params, key=root_key)
+  roots, entropy = rollout_rows(drawn), sharding_lib.to_host(drawn.entropy_BN)
   table = branchable_table(processor, sampler.model_config.text.vocab_size, tree.min_token_chars)
   positions, found = rl.branch_points(point_key, entropy, roots["tokens"], roots["lengths"],
                                       table, tree.entropy_top_k)
@@ -355,9 +353,9 @@ def tree_rows(run: RunState, tree: rl.TreeRollout, examples, prepared, processor
 
 
 def draw_groups(run: RunState, objective: Objective, batch, task, processor, sampler: Sampler,
-                key, steps: step_lib.TrainSteps | None = None, mesh=None, parts: int = 1):
-  """G rollouts for each prompt of `batch` (independent, or a tree when `objective.tree`, which
-  needs `steps` and `mesh` for the entropies), decoded, scored and shaped: (Groups, metrics)."""
+                key):
+  """G rollouts for each prompt of `batch` (independent, or a tree when `objective.tree`),
+  decoded, scored and shaped: (Groups, metrics)."""
   G = objective.group_size
   prepared = sampler.prepare(batch.arrays)
   if objective.tree is None:
@@ -365,7 +363,7 @@ def draw_groups(run: RunState, objective: Objective, batch, task, processor, sam
                                                          state=run.params, key=key)), {}
   else:
     rows, metrics = tree_rows(run, objective.tree, list(batch.examples), prepared, processor,
-                              sampler, steps, mesh, key, parts)
+                              sampler, key)
   texts = completion_texts(processor, sampler, rows["tokens"], rows["lengths"])
   rewards, scores = score_rollouts(task, batch.records, texts, G)
   shaped = np.asarray(rl.shape_rewards(objective.loss, objective.rollout.replace(
@@ -444,15 +442,12 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
   t0 = time.perf_counter()
   key = jax.random.fold_in(jax.random.key(rng_seed), run.global_step)
   micro_parts = config.train.num_minibatches * config.train.grad_accum_steps
-  drawing = dict(steps=steps, mesh=mesh, parts=micro_parts)
-  groups, sampling_metrics = draw_groups(run, objective, batch, task, processor, sampler, key,
-                                         **drawing)
+  groups, sampling_metrics = draw_groups(run, objective, batch, task, processor, sampler, key)
   if loss_cfg.filter_groups:
     def draw(index):
       more = next_batch() if next_batch is not None else None
       return None if more is None else draw_groups(run, objective, more, task, processor,
-                                                   sampler, jax.random.fold_in(key, index),
-                                                   **drawing)[0]
+                                                   sampler, jax.random.fold_in(key, index))[0]
     groups, filter_metrics = dynamic_sampling(groups, draw, objective, sampler,
                                               multiple=micro_parts,
                                               wanted=config.train.prompts_per_step)
@@ -671,7 +666,8 @@ def train(config: ml_collections.ConfigDict) -> dict:
     objective = build_objective(staged)
     sampler = Sampler(model, SamplingConfig(
         max_new_tokens=objective.max_new_tokens, temperature=objective.temperature,
-        top_p=objective.top_p, top_k=objective.top_k), mesh=mesh)
+        top_p=objective.top_p, top_k=objective.top_k,
+        return_entropy=objective.tree is not None), mesh=mesh)
     run.stage_index, run.stage_step = stage_index, 0
     tx = stage_optimizer(config, stage, run.params)
     steps = step_lib.TrainSteps(graphdef, tx, objective.loss, temperature=objective.temperature,

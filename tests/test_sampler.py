@@ -126,6 +126,28 @@ def test_sampled_logprobs_equal_teacher_forcing():
   assert len({tuple(r) for r in tokens[:group]}) > 1
 
 
+def test_returned_entropy_is_the_trainers_and_changes_no_draw():
+  from metaphorstar_jax.training.policy import SequenceBatch, completion_logprobs
+  model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=1)
+  batch = tiny_batch(model.config)
+  settings = dict(max_new_tokens=9, temperature=0.7, top_k=40)
+  plain = Sampler(model, SamplingConfig(**settings))
+  measured = Sampler(model, SamplingConfig(**settings, return_entropy=True))
+  without = plain(batch, group_size=3, key=jax.random.key(5))
+  rollouts = measured(batch, group_size=3, key=jax.random.key(5))
+  assert without.entropy_BN is None
+  np.testing.assert_array_equal(np.asarray(rollouts.tokens_BN), np.asarray(without.tokens_BN))
+  mask = np.asarray(rollouts.mask_BN)
+  seq = SequenceBatch(*measured.prepare(batch), np.asarray(rollouts.tokens_BN), mask)
+  graphdef, state = nnx.split(model)
+  # Jitted, as the trainer runs it (the bucketed patches include a padding image no token reads).
+  _, entropy = jax.jit(lambda state, seq: completion_logprobs(
+      nnx.merge(graphdef, state), seq, temperature=0.7))(state, seq)
+  np.testing.assert_allclose(np.asarray(rollouts.entropy_BN), np.asarray(entropy) * mask,
+                             atol=1e-5)
+  assert (np.asarray(rollouts.entropy_BN)[mask > 0] > 0).all()
+
+
 TOY_LOGITS = np.log(np.asarray([0.30, 0.25, 0.20, 0.12, 0.08, 0.05]))
 
 

@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from metaphorstar_jax import data, rl, train
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
 from metaphorstar_jax.training import step as step_lib
+from metaphorstar_jax.training.policy import completion_logprobs
 from test_train import make_steps, shapes_prompt_batches, smoke_default_config
 
 
@@ -94,16 +96,17 @@ def tree_draw():
   batch, = shapes_prompt_batches(1, num_records=8, seed=5)
   processor = data.ChatProcessor.from_tokenizer(data.build_small_tokenizer())
   model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=3)
-  sampler = Sampler(model, SamplingConfig(max_new_tokens=8, stop_token_ids=()))
+  sampler = Sampler(model, SamplingConfig(max_new_tokens=8, stop_token_ids=(),
+                                          return_entropy=True))
   steps, params, _ = make_steps(model)
   run = train.RunState(params=params, opt_state=None, ref_params=None, global_step=0,
                        stage_index=0, stage_step=0)
   tree = rl.TreeRollout(num_roots=2, branches=3, entropy_top_k=3, min_token_chars=2)
   prepared = sampler.prepare(batch.arrays)
   rows, metrics = train.tree_rows(run, tree, list(batch.examples), prepared, processor, sampler,
-                                  steps, None, jax.random.key(0), parts=2)
+                                  jax.random.key(0))
   return dict(batch=batch, processor=processor, sampler=sampler, steps=steps, params=params,
-              tree=tree, prepared=prepared, rows=rows, metrics=metrics)
+              model=model, run=run, tree=tree, prepared=prepared, rows=rows, metrics=metrics)
 
 
 def test_tree_rows_form_groups_of_roots_and_their_branches(tree_draw):
@@ -142,11 +145,15 @@ def test_branch_continuations_are_the_policys_own_samples_after_the_prefix(tree_
 
 def test_branches_start_at_one_of_the_top_k_entropy_tokens(tree_draw):
   rows, tree, processor = tree_draw["rows"], tree_draw["tree"], tree_draw["processor"]
-  batch, sampler, steps = tree_draw["batch"], tree_draw["sampler"], tree_draw["steps"]
+  batch, sampler = tree_draw["batch"], tree_draw["sampler"]
   P, G = len(batch.examples), tree.group_size
   seq, _ = next(train.micro_batches(batch.examples, tree_draw["prepared"], rows,
                                     [np.arange(P)], G, sampler, None))
-  entropy = np.asarray(steps.entropies(tree_draw["params"], seq))
+  # The policy's entropy recomputed by a teacher-forced pass, not the sampler's report.
+  graphdef = nnx.graphdef(tree_draw["model"])
+  _, entropy = jax.jit(lambda params, seq: completion_logprobs(
+      nnx.merge(graphdef, params), seq))(tree_draw["params"], seq)
+  entropy = np.asarray(entropy)
   table = train.branchable_table(processor, sampler.model_config.text.vocab_size,
                                  tree.min_token_chars)
   for p in range(P):
@@ -157,6 +164,13 @@ def test_branches_start_at_one_of_the_top_k_entropy_tokens(tree_draw):
       for j in range(tree.branches):
         b = p * G + tree.num_roots + root * tree.branches + j
         assert int(rows["prefix"][b].sum()) in top
+
+
+def test_tree_rollouts_need_a_sampler_that_reports_entropy(tree_draw):
+  plain = Sampler(tree_draw["model"], SamplingConfig(max_new_tokens=8))
+  with pytest.raises(ValueError, match="return_entropy"):
+    train.tree_rows(tree_draw["run"], tree_draw["tree"], list(tree_draw["batch"].examples),
+                    tree_draw["prepared"], tree_draw["processor"], plain, jax.random.key(0))
 
 
 def test_a_tree_stage_trains_only_on_each_branchs_continuation(tmp_path, monkeypatch):

@@ -43,6 +43,9 @@ class SamplingConfig:
   min_prompt_bucket: int = 64
   min_patch_bucket: int = 64
   cache_dtype: str | None = None  # default: the model's compute dtype
+  # Also return each position's entropy of softmax(logits / temperature) over the whole
+  # vocabulary, the trainer's entropy (tree rollouts branch where it is high).
+  return_entropy: bool = False
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -63,6 +66,8 @@ class Rollouts(NamedTuple):
   lengths_B: number of generated tokens.
   truncated_B: True where the row hit its budget without a stop token.
   prompt_index_B: p for each row.
+  entropy_BN: with `return_entropy`, the entropy of the distribution each token was drawn from
+    (before top-k/top-p and bans), 0 where masked; else None.
   """
 
   tokens_BN: Any
@@ -71,6 +76,7 @@ class Rollouts(NamedTuple):
   lengths_B: Any
   truncated_B: Any
   prompt_index_B: Any
+  entropy_BN: Any = None
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -198,6 +204,12 @@ class Sampler:
       positions_3B1 = jnp.broadcast_to(c["next_position"][None, :, None], (3, B, 1))
       hidden_B1D, cache = model.cached_hidden_states(x_B1D, positions_3B1, c["cache"],
                                                      c["step"], kv_valid_BN, prefix)
+      if cfg.return_entropy:
+        scaled_BV = c["logits"] / (1.0 if cfg.greedy else cfg.temperature)
+        logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
+        entropy_B = -jnp.sum(jnp.exp(logp_BV) * logp_BV, axis=-1)
+        c = dict(c, entropy=c["entropy"].at[:, c["step"]].set(
+            jnp.where(active_B, entropy_B, 0.0)))
       return dict(
           c,
           step=c["step"] + 1,
@@ -277,6 +289,8 @@ class Sampler:
         stopped=self._place_rows(np.zeros(rows, bool)),
         done=self._place_rows(np.zeros(rows, bool)),
     )
+    if cfg.return_entropy:
+      carry["entropy"] = self._place_rows(np.zeros((rows, new), np.float32))
     out = self._decode(state, carry, key, self._place_rows(budget))
     lengths = out["lengths"]
     return Rollouts(
@@ -286,4 +300,5 @@ class Sampler:
         lengths_B=lengths,
         truncated_B=~out["stopped"],
         prompt_index_B=jnp.repeat(jnp.arange(num_prompts), group_size),
+        entropy_BN=out.get("entropy"),
     )

@@ -48,7 +48,6 @@ class TrainSteps:
     self._compiled_grpo_grads = jax.jit(self._grpo_grads, **static)
     self._compiled_sft_grads = jax.jit(self._sft_grads, **static)
     self._compiled_logprobs = jax.jit(self._logprobs, **static)
-    self._compiled_entropies = jax.jit(self._entropies, **static)
     self._compiled_apply = None  # built on the first `apply`, pinned to its inputs' shardings
     self.accumulate = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
 
@@ -84,16 +83,10 @@ class TrainSteps:
     return self._compiled_logprobs(params, seq,
                                    columns=self.scored_columns(seq.completion_mask_BN))
 
-  def entropies(self, params, seq: SequenceBatch):
-    """Per-token entropy of the policy (B, N) at each completion position, without gradients
-    (where tree rollouts branch)."""
-    return self._compiled_entropies(params, seq,
-                                    columns=self.scored_columns(seq.completion_mask_BN))
-
   def compiled_update_programs(self) -> int:
     """How many programs the gradient, log-prob and update functions have compiled so far."""
     compiled = [self._compiled_grpo_grads, self._compiled_sft_grads, self._compiled_logprobs,
-                self._compiled_entropies, self._compiled_apply]
+                self._compiled_apply]
     return sum(f._cache_size() for f in compiled if f is not None)
 
   # --- traced ---------------------------------------------------------------------------------
@@ -111,9 +104,6 @@ class TrainSteps:
 
   def _logprobs(self, params, seq: SequenceBatch, columns: int):
     return jax.lax.stop_gradient(self._score(params, seq, columns, with_entropy=False)[0])
-
-  def _entropies(self, params, seq: SequenceBatch, columns: int):
-    return jax.lax.stop_gradient(self._score(params, seq, columns, with_entropy=True)[1])
 
   def _grpo_grads(self, params, seq: SequenceBatch, advantages_B, old_logprobs_BN,
                   ref_logprobs_BN, sampler_logprobs_BN, loss_mask_BN, token_count, seq_count,

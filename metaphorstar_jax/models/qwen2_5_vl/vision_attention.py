@@ -12,7 +12,8 @@ S ≈ 21k patches, i.e. 28 GB of fp32 logits for 16 heads in every layer.
   against all keys, each chunk rematerialised in the backward pass. Memory O(chunk · S), compute
   unchanged.
 
-Both equal the dense masked attention to float round-off (tests/test_vision_attention.py).
+Both equal the dense masked attention to float round-off (tests/test_vision_attention.py), and
+both run `layers.attend` on their blocks of queries and keys.
 Shape letters: S patches, N heads, H head size, J blocks, Q block or chunk length, K keys seen.
 """
 
@@ -21,16 +22,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from metaphorstar_jax.models.qwen2_5_vl import layers
 
-def _segment_softmax_attention(q_JQNH, k_JKNH, v_JKNH, visible_JQK):
-  """Softmax attention of each query block over its own keys; logits and softmax in fp32."""
-  scale = q_JQNH.shape[-1] ** -0.5
-  logits_JNQK = jnp.einsum("jqnh,jknh->jnqk", q_JQNH, k_JKNH,
-                           preferred_element_type=jnp.float32) * scale
-  visible_J1QK = visible_JQK[:, None]
-  logits_JNQK = jnp.where(visible_J1QK, logits_JNQK, jnp.finfo(jnp.float32).min)
-  probs_JNQK = jnp.where(visible_J1QK, jax.nn.softmax(logits_JNQK, axis=-1), 0.0)
-  return jnp.einsum("jnqk,jknh->jqnh", probs_JNQK.astype(v_JKNH.dtype), v_JKNH)
+
+def _heads_major(x_JSNH):
+  """(J, S, N, H) -> (J, N, S, H), the key/value layout `layers.attend` reads."""
+  return jnp.swapaxes(x_JSNH, 1, 2)
 
 
 def _pad_rows(x, rows: int, value=0):
@@ -48,17 +45,18 @@ def window_attention(q_SNH, k_SNH, v_SNH, segments_S, block: int):
   blocks = lambda x: x.reshape(J, block, *x.shape[1:])
   q_JQNH, k_JQNH, v_JQNH, seg_JQ = blocks(q), blocks(k), blocks(v), blocks(segments)
 
-  def neighbours(x_JQ, fill):
-    """Each block's keys next to its two neighbours' (a segment spans at most two blocks)."""
-    edge = jnp.full_like(x_JQ[:1], fill)
-    before = jnp.concatenate([edge, x_JQ[:-1]])
-    after = jnp.concatenate([x_JQ[1:], edge])
-    return jnp.concatenate([before, x_JQ, after], axis=1)
+  def neighbours(x_J_Q_, fill, axis):
+    """Each block's keys next to its two neighbours' (a segment spans at most two blocks);
+    `axis` is the within-block position axis."""
+    edge = jnp.full_like(x_J_Q_[:1], fill)
+    before = jnp.concatenate([edge, x_J_Q_[:-1]])
+    after = jnp.concatenate([x_J_Q_[1:], edge])
+    return jnp.concatenate([before, x_J_Q_, after], axis=axis)
 
-  seg_JK = neighbours(seg_JQ, -2)  # -2: no patch's segment
+  seg_JK = neighbours(seg_JQ, -2, axis=1)  # -2: no patch's segment
   visible_JQK = seg_JQ[:, :, None] == seg_JK[:, None, :]
-  out_JQNH = _segment_softmax_attention(q_JQNH, neighbours(k_JQNH, 0), neighbours(v_JQNH, 0),
-                                        visible_JQK)
+  out_JQNH = layers.attend(q_JQNH, neighbours(_heads_major(k_JQNH), 0, axis=2),
+                           neighbours(_heads_major(v_JQNH), 0, axis=2), visible_JQK)
   return out_JQNH.reshape(J * block, N, H)[:S]
 
 
@@ -66,9 +64,10 @@ def frame_attention(q_SNH, k_SNH, v_SNH, segments_S, chunk: int):
   """Attention within segments of any length, `chunk` queries at a time."""
   S, N, H = q_SNH.shape
   segments_S = segments_S.astype(jnp.int32)
+  k_1NSH, v_1NSH = _heads_major(k_SNH[None]), _heads_major(v_SNH[None])
   if S <= chunk:
     visible_1SS = (segments_S[:, None] == segments_S[None, :])[None]
-    return _segment_softmax_attention(q_SNH[None], k_SNH[None], v_SNH[None], visible_1SS)[0]
+    return layers.attend(q_SNH[None], k_1NSH, v_1NSH, visible_1SS)[0]
   pad = -S % chunk
   J = (S + pad) // chunk
   q_JQNH = _pad_rows(q_SNH, pad).reshape(J, chunk, N, H)
@@ -78,7 +77,7 @@ def frame_attention(q_SNH, k_SNH, v_SNH, segments_S, chunk: int):
   def one_chunk(args):
     q_QNH, seg_Q = args
     visible_1QS = (seg_Q[:, None] == segments_S[None, :])[None]
-    return _segment_softmax_attention(q_QNH[None], k_SNH[None], v_SNH[None], visible_1QS)[0]
+    return layers.attend(q_QNH[None], k_1NSH, v_1NSH, visible_1QS)[0]
 
   out_JQNH = jax.lax.map(one_chunk, (q_JQNH, seg_JQ))
   return out_JQNH.reshape(J * chunk, N, H)[:S]

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from metaphorstar_jax import rl
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.models.qwen2_5_vl import Qwen2_5_VL
 from metaphorstar_jax.sampling import logits_processing
@@ -205,9 +206,8 @@ class Sampler:
       hidden_B1D, cache = model.cached_hidden_states(x_B1D, positions_3B1, c["cache"],
                                                      c["step"], kv_valid_BN, prefix)
       if cfg.return_entropy:
-        scaled_BV = c["logits"] / (1.0 if cfg.greedy else cfg.temperature)
-        logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
-        entropy_B = -jnp.sum(jnp.exp(logp_BV) * logp_BV, axis=-1)
+        entropy_B = rl.entropy_from_logits(
+            c["logits"], temperature=1.0 if cfg.greedy else cfg.temperature)
         c = dict(c, entropy=c["entropy"].at[:, c["step"]].set(
             jnp.where(active_B, entropy_B, 0.0)))
       return dict(

@@ -12,7 +12,7 @@ from flax import nnx
 
 from metaphorstar_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from metaphorstar_jax.models.qwen2_5_vl.positions import rope_index
-from metaphorstar_jax.models.qwen2_5_vl.text import TextModel, extend_cache, init_cache
+from metaphorstar_jax.models.qwen2_5_vl.text import TextModel, init_cache
 from metaphorstar_jax.models.qwen2_5_vl.vision import VisionTower
 
 
@@ -92,10 +92,6 @@ class Qwen2_5_VL(nnx.Module):
   def init_cache(self, batch: int, length: int, dtype=None):
     """An empty KV cache for `batch` rows of `length` tokens (compute dtype by default)."""
     return init_cache(self.config.text, batch, length, dtype or self.config.compute_dtype)
-
-  def extend_cache(self, cache, extra: int):
-    """`cache` with `extra` more empty slots per row (its layout stays the model's business)."""
-    return extend_cache(cache, extra)
 
   def cached_hidden_states(self, x_BTD, position_ids_3BT, cache, cache_index, kv_valid_BS,
                            prefix=None):

@@ -144,7 +144,3 @@ def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> tuple[dict, .
   return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
                for _ in range(cfg.num_hidden_layers))
 
-
-def extend_cache(cache, extra: int):
-  """The cache with `extra` empty slots appended to every row's length axis."""
-  return jax.tree.map(lambda a_BKSH: jnp.pad(a_BKSH, ((0, 0), (0, 0), (0, extra), (0, 0))), cache)

@@ -294,7 +294,9 @@ def rollout_rows(rollouts) -> dict[str, np.ndarray]:
           "truncated": host(rollouts.truncated_B)}
 
 
-_BRANCHABLE: dict[tuple, np.ndarray] = {}
+# (id of the tokenizer, V, min_chars) -> (that tokenizer, its table). Holding the tokenizer keeps
+# its id from being reused by another one while its table is cached.
+_BRANCHABLE: dict[tuple, tuple[Any, np.ndarray]] = {}
 
 
 def branchable_table(processor, vocab_size: int, min_chars: int) -> np.ndarray:
@@ -306,8 +308,8 @@ def branchable_table(processor, vocab_size: int, min_chars: int) -> np.ndarray:
     texts = tokenizer.decode_batch([[i] for i in range(known)], skip_special_tokens=False)
     texts += [""] * (vocab_size - known)  # embedding rows no token maps to
     special = [i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special]
-    _BRANCHABLE[cache_key] = rl.branchable_tokens(texts, special, min_chars)
-  return _BRANCHABLE[cache_key]
+    _BRANCHABLE[cache_key] = tokenizer, rl.branchable_tokens(texts, special, min_chars)
+  return _BRANCHABLE[cache_key][1]
 
 
 def tree_rows(run: RunState, tree: rl.TreeRollout, examples, prepared, processor,

@@ -40,9 +40,10 @@ from metaphorstar_jax.rl.tree import (TreeRollout, branch_points, branchable_tok
 __all__ = [
     "ADV_ESTIMATORS", "KL_TYPES", "LOSS_AGG_MODES", "LOSS_MODES", "PRESET_NAMES",
     "ClippedLoss", "DrawDecision", "LossConfig", "RLPreset", "RolloutConfig", "TreeRollout",
-    "adaptive_kl_coef", "aggregate", "branch_points", "branchable_tokens", "clipped_policy_loss", "compute_advantages",
-    "dynamic_sampling_decision", "entropy_from_logits", "filter_groups_mask", "flatten_groups",
-    "group_order", "group_statistics", "grpo_advantages", "join_branches", "kl_estimate", "kl_in_reward", "kl_loss",
+    "adaptive_kl_coef", "aggregate", "branch_points", "branchable_tokens", "clipped_policy_loss",
+    "compute_advantages", "dynamic_sampling_decision", "entropy_from_logits",
+    "filter_groups_mask", "flatten_groups", "group_order", "group_statistics", "grpo_advantages",
+    "join_branches", "kl_estimate", "kl_in_reward", "kl_loss",
     "kl_penalized_rewards", "loss_mask", "mask_truncated", "masked_mean", "next_kl_coef",
     "overlong_penalty", "policy_log_ratio", "policy_loss", "preset", "rloo_advantages",
     "sequence_log_ratio", "shape_rewards", "take_kept_groups", "tis_weights", "token_logprobs",

@@ -59,6 +59,14 @@ def test_remat_gives_identical_loss_and_gradients():
   assert len(leaves_a) == len(leaves_b) > 0
   for a, b in zip(leaves_a, leaves_b):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  # Every decoder layer and ViT block is rematerialised, and nothing is without remat.
+  graphdef, state = nnx.split(remat)
+  grad_jaxpr = str(jax.make_jaxpr(jax.grad(
+      lambda state: loss_fn(nnx.merge(graphdef, state), batch)))(state))
+  assert grad_jaxpr.count("remat") == cfg.text.num_hidden_layers + cfg.vision.depth
+  graphdef, state = nnx.split(plain)
+  assert "remat" not in str(jax.make_jaxpr(jax.grad(
+      lambda state: loss_fn(nnx.merge(graphdef, state), batch)))(state))
   # The vision tower receives gradient through the scattered features.
   patch_grad = grads_a["visual"]["patch_embed"]["kernel"]
   assert float(jnp.abs(patch_grad[...]).max()) > 0

@@ -97,3 +97,48 @@ def test_prompt_once_scoring_equals_the_tiled_full_pass(new_tokens, monkeypatch)
   assert worst <= 1e-5
   # The gradient reaches the vision tower, i.e. flows through the prompt pass.
   assert np.abs(np.asarray(grads["visual"]["merger"]["mlp_out"]["kernel"][...])).max() > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_remat_changes_no_sampled_token_logprob_logit_or_gradient(dtype):
+  """A remat=True model samples (the decode loop runs it inside lax.while_loop) and computes
+  exactly what remat=False does; only the backward pass differs, by rounding."""
+  plain = qwen2_5_vl.init(qwen2_5_vl.preset("tiny", dtype=dtype), seed=6)
+  remat = qwen2_5_vl.init(qwen2_5_vl.preset("tiny", dtype=dtype, remat=True), seed=6)
+  batch = tiny_batch(plain.config)
+  config = SamplingConfig(max_new_tokens=8, temperature=0.9, return_entropy=True)
+  drawn = {}
+  for name, model in (("plain", plain), ("remat", remat)):
+    sampler = Sampler(model, config)
+    drawn[name] = sampler(batch, group_size=2, key=jax.random.key(3))
+  for field in ("tokens_BN", "logprobs_BN", "lengths_B", "entropy_BN"):
+    np.testing.assert_array_equal(np.asarray(getattr(drawn["remat"], field)),
+                                  np.asarray(getattr(drawn["plain"], field)), err_msg=field)
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda b: remat(**b))(batch)),
+                                np.asarray(jax.jit(lambda b: plain(**b))(batch)))
+
+  rollouts = drawn["plain"]
+  ids, mask, pixels, grids = Sampler(plain, config).prepare(batch)
+  seq = SequenceBatch(ids, mask, pixels, grids, rollouts.tokens_BN, rollouts.mask_BN)
+  weights = np.asarray(rollouts.mask_BN, np.float32)
+
+  def loss(model, seq):
+    logprobs, _ = completion_logprobs(model, seq, temperature=0.9)
+    return (logprobs.astype(jnp.float32) * weights).sum(), logprobs
+
+  no_grad = {name: nnx.jit(loss)(model, seq)[1]
+             for name, model in (("plain", plain), ("remat", remat))}
+  np.testing.assert_array_equal(np.asarray(no_grad["remat"]), np.asarray(no_grad["plain"]))
+  if dtype != "float32":
+    return  # bf16 gradients of two differently fused programs differ by bf16 rounding
+  results = {name: nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model, seq)
+             for name, model in (("plain", plain), ("remat", remat))}
+  (_, logprobs_plain), grads_plain = results["plain"]
+  (_, logprobs_remat), grads_remat = results["remat"]
+  # Under a gradient XLA fuses the two forwards differently: equal to rounding.
+  np.testing.assert_allclose(np.asarray(logprobs_remat), np.asarray(logprobs_plain), atol=1e-5)
+  flat_plain, flat_remat = jax.tree.leaves(grads_plain), jax.tree.leaves(grads_remat)
+  assert len(flat_plain) == len(flat_remat) > 0
+  for got, want in zip(flat_remat, flat_plain):
+    got, want = np.asarray(got), np.asarray(want)
+    assert np.abs(got - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-30)

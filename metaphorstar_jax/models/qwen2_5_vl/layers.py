@@ -51,6 +51,19 @@ class SwiGLU(nnx.Module):
     return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+def call_rematerialised(module: nnx.Module, *args, static_argnums: tuple[int, ...] = ()):
+  """`module(*args)`, with its activations recomputed in the backward pass instead of stored.
+
+  A pure `jax.checkpoint` over the module's split state, not `nnx.remat`: nothing is written
+  back to the module, so it is valid inside any trace (a sampler's `lax.while_loop`, a scan),
+  and without a gradient it computes exactly what the plain call does. `static_argnums` index
+  `args`.
+  """
+  graphdef, state = nnx.split(module)
+  run = lambda state, *args: nnx.merge(graphdef, state)(*args)
+  return jax.checkpoint(run, static_argnums=tuple(i + 1 for i in static_argnums))(state, *args)
+
+
 def rotate_half(x):
   half = x.shape[-1] // 2
   return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)

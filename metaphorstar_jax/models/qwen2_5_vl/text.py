@@ -127,13 +127,9 @@ class TextModel(nnx.Module):
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
       layer_prefix = None if prefix is None else (prefix[0][i], prefix[1])
-      if self.remat:
-        x_BTD, layer_cache = nnx.remat(lambda l, *a: l(*a))(layer, x_BTD, cos_BTH, sin_BTH,
-                                                             mask_BTS, layer_cache, cache_index,
-                                                             layer_prefix)
-      else:
-        x_BTD, layer_cache = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, layer_cache, cache_index,
-                                   layer_prefix)
+      run = layers.call_rematerialised if self.remat else lambda f, *a: f(*a)
+      x_BTD, layer_cache = run(layer, x_BTD, cos_BTH, sin_BTH, mask_BTS, layer_cache,
+                               cache_index, layer_prefix)
       new_cache.append(layer_cache)
     return self.norm(x_BTD), (None if cache is None else tuple(new_cache))
 

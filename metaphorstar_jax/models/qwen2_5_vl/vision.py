@@ -18,10 +18,6 @@ from metaphorstar_jax.models.qwen2_5_vl.positions import VisionLayout, vision_la
 FRAME_CHUNK = 512
 
 
-def _run_block(block, x_SD, cos_SH, sin_SH, segments_S, width: int):
-  return block(x_SD, cos_SH, sin_SH, segments_S, width)
-
-
 class VisionAttention(nnx.Module):
 
   def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -125,8 +121,8 @@ class VisionTower(nnx.Module):
       segments_S, width = ((layout.frame_segments_S, 0) if i in full_blocks
                            else (layout.window_segments_S, window_block))
       if self.remat:  # the width picks the attention kind: a static argument
-        x_SD = nnx.remat(_run_block, static_argnums=(5,))(block, x_SD, cos_SH, sin_SH,
-                                                          segments_S, width)
+        x_SD = layers.call_rematerialised(block, x_SD, cos_SH, sin_SH, segments_S, width,
+                                          static_argnums=(4,))
       else:
         x_SD = block(x_SD, cos_SH, sin_SH, segments_S, width)
     return self.merger(x_SD)[layout.reverse_index_C]

@@ -37,6 +37,9 @@ setuptools.setup(
     extras_require={
         # The PyTorch reference for parity tests and benchmarks; never imported by the package.
         # trl: the GRPOTrainer reference of bench/grpo_step.py.
-        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis", "trl==1.16.0"],
+        # libtpu: the TPU compiler, which metaphorstar_jax.plan runs on a CPU-only host to compile
+        # for a TPU topology; pinned to the version jax[tpu]==0.10.2 asks for.
+        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis", "trl==1.16.0",
+                 "libtpu==0.0.42.*"],
     },
 )

@@ -78,6 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
                                                      resume=True))
   config.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb_project="",
                                               progress_bar=True, plot=True))
+  # The ahead-of-time plan (python -m metaphorstar_jax.plan): `check_fit` makes train compile
+  # every program first and refuse a step that cannot fit; worst-case prompts carry
+  # `images_per_prompt` square images of `image_pixels` (0: image.max_pixels).
+  config.plan = ml_collections.ConfigDict(dict(check_fit=False, image_pixels=0,
+                                               images_per_prompt=1))
   # Fault injection for resumption tests: SIGKILL the process right after the checkpoint of
   # this global step is on disk (0: never).
   config.debug = ml_collections.ConfigDict(dict(kill_after_checkpoint=0))

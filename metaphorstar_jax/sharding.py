@@ -144,5 +144,10 @@ def place_rows(array, mesh: Mesh | None):
   """
   if mesh is None:
     return jax.numpy.asarray(array)
-  spec = fit_spec(P(BATCH_AXES), np.shape(array), mesh)
-  return jax.device_put(array, NamedSharding(mesh, spec))
+  return jax.device_put(array, row_sharding(np.shape(array), mesh))
+
+
+def row_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+  """The sharding `place_rows` gives an array of `shape`: rows over the batch axes if they
+  divide, else replicated."""
+  return NamedSharding(mesh, fit_spec(P(BATCH_AXES), shape, mesh))

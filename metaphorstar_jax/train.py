@@ -228,6 +228,13 @@ def rows_of(prompts: np.ndarray, group_size: int) -> np.ndarray:
   return (prompts[:, None] * group_size + np.arange(group_size)[None]).reshape(-1)
 
 
+def prompt_width(bucket: int, longest: int) -> int:
+  """Prompt columns an update keeps of the sampler's `bucket`: the longest prompt, rounded up to
+  a multiple of bucket/16 (so at most 16 widths per bucket compile)."""
+  granule = max(1, bucket // 16)
+  return min(bucket, -(-longest // granule) * granule)
+
+
 def micro_batches(examples, prepared, rows: dict[str, np.ndarray], prompts_groups, group_size,
                   sampler: Sampler, mesh):
   """Yields (SequenceBatch, per-row arrays) for each group of prompts, placed on the mesh.
@@ -246,8 +253,7 @@ def micro_batches(examples, prepared, rows: dict[str, np.ndarray], prompts_group
     # Drop the leading all-padding columns of the sampler's power-of-two bucket T, keeping a
     # multiple of T/16 so that at most 16 prompt widths per bucket compile.
     bucket = ids.shape[1]
-    granule = max(1, bucket // 16)
-    width = min(bucket, -(-int(np.asarray(mask).sum(axis=1).max()) // granule) * granule)
+    width = prompt_width(bucket, int(np.asarray(mask).sum(axis=1).max()))
     ids, mask = ids[:, bucket - width:], mask[:, bucket - width:]
     selected = rows_of(np.asarray(prompts), group_size)
     place = lambda a: sharding_lib.place_rows(a, mesh)
@@ -627,6 +633,9 @@ def train(config: ml_collections.ConfigDict) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding_lib.make_mesh(**config.mesh.to_dict())
+  if config.plan.check_fit:  # compile every program before any weight is read; refuse a misfit
+    from metaphorstar_jax import plan  # here, not at the top: plan imports train
+    plan.check_fit(config, mesh)
   processor = build_processor(config)
   model = build_model(config, mesh)
   check_vocabulary(model, processor)

@@ -233,17 +233,36 @@ class Sampler:
   def prepare(self, batch: dict[str, np.ndarray]):
     """Left-aligns prompts and pads them, their patches and grids to bucket sizes."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    real_lengths = np.asarray(mask).sum(axis=1)
-    prompt_len = _bucket(int(real_lengths.max()), self.config.min_prompt_bucket)
-    ids, mask = left_align(ids, mask, prompt_len, self.pad_id)
     pixels, grids = batch.get("pixel_values"), batch.get("image_grid_thw")
     if pixels is None or np.shape(pixels)[0] == 0:
       pixels, grids = None, None
-    else:
-      pixels, grids = pad_images(pixels, grids,
-                                 _bucket(np.shape(pixels)[0], self.config.min_patch_bucket),
-                                 _bucket(np.shape(grids)[0] + 1, 2))
+    prompt_len, num_patches, num_images = self.padded_sizes(
+        int(np.asarray(mask).sum(axis=1).max()), 0 if pixels is None else np.shape(pixels)[0],
+        0 if grids is None else np.shape(grids)[0])
+    ids, mask = left_align(ids, mask, prompt_len, self.pad_id)
+    if pixels is not None:
+      pixels, grids = pad_images(pixels, grids, num_patches, num_images)
     return ids, mask, pixels, grids
+
+  def padded_sizes(self, prompt_tokens: int, patches: int, images: int) -> tuple[int, int, int]:
+    """The bucketed (prompt length, patch count, image count) of a batch with these maxima."""
+    return (_bucket(prompt_tokens, self.config.min_prompt_bucket),
+            _bucket(patches, self.config.min_patch_bucket), _bucket(images + 1, 2))
+
+  def programs(self) -> dict[str, Any]:
+    """The jitted prefill and decode functions, for ahead-of-time lowering (metaphorstar_jax.plan)."""
+    return {"prefill": self._prefill, "decode": self._decode}
+
+  def decode_state(self, rows: int) -> dict[str, tuple[tuple[int, ...], Any, Any]]:
+    """The decode loop's per-row state besides the prefill's outputs: name -> (shape, dtype,
+    initial value)."""
+    new = self.config.max_new_tokens
+    state = dict(tokens=((rows, new), np.int32, self.pad_id),
+                 logprobs=((rows, new), np.float32, 0.0), lengths=((rows,), np.int32, 0),
+                 stopped=((rows,), bool, False), done=((rows,), bool, False))
+    if self.config.return_entropy:
+      state["entropy"] = ((rows, new), np.float32, 0.0)
+    return state
 
   def __call__(self, batch: dict[str, np.ndarray], *, group_size: int = 1, key=None, state=None,
                max_new_tokens_per_row=None) -> Rollouts:
@@ -280,17 +299,9 @@ class Sampler:
                               grids, group_size=group_size, new_tokens=new)
     budget = (np.full(rows, new, np.int32) if max_new_tokens_per_row is None
               else np.minimum(np.asarray(max_new_tokens_per_row, np.int32), new))
-    carry = dict(
-        prefilled,
-        step=jnp.zeros((), jnp.int32),
-        tokens=self._place_rows(np.full((rows, new), self.pad_id, np.int32)),
-        logprobs=self._place_rows(np.zeros((rows, new), np.float32)),
-        lengths=self._place_rows(np.zeros(rows, np.int32)),
-        stopped=self._place_rows(np.zeros(rows, bool)),
-        done=self._place_rows(np.zeros(rows, bool)),
-    )
-    if cfg.return_entropy:
-      carry["entropy"] = self._place_rows(np.zeros((rows, new), np.float32))
+    carry = dict(prefilled, step=jnp.zeros((), jnp.int32),
+                 **{name: self._place_rows(np.full(shape, value, dtype))
+                    for name, (shape, dtype, value) in self.decode_state(rows).items()})
     out = self._decode(state, carry, key, self._place_rows(budget))
     lengths = out["lengths"]
     return Rollouts(

@@ -139,12 +139,20 @@ class TrainSteps:
     spelled differently (P() for P(None,)), or shard a replicated bias, and every function that
     takes the new params would then compile again on the next step.
     """
+    return self.programs(params, opt_state)["apply"](params, opt_state, grads)
+
+  def programs(self, params, opt_state) -> dict[str, Any]:
+    """The jitted functions of a step by name, for ahead-of-time lowering (metaphorstar_jax.plan);
+    `params` and `opt_state` (arrays or ShapeDtypeStructs with shardings) pin the layout of the
+    update's outputs."""
     if self._compiled_apply is None:
       self._compiled_apply = jax.jit(
           self._apply, donate_argnums=(0, 1),
           out_shardings=(jax.tree.map(lambda x: x.sharding, params),
                          optimizer_state_shardings(opt_state, params), None))
-    return self._compiled_apply(params, opt_state, grads)
+    return {"grpo_grads": self._compiled_grpo_grads, "sft_grads": self._compiled_sft_grads,
+            "logprobs": self._compiled_logprobs, "accumulate": self.accumulate,
+            "apply": self._compiled_apply}
 
   def _apply(self, params, opt_state, grads):
     """One optimizer update; a non-finite gradient leaves params and moments unchanged."""

@@ -1,0 +1,153 @@
+"""The ahead-of-time plan: topology names, every field of a TPU plan, refusal of a step that
+cannot fit (from the plan and from train), and the plan's exact resident sizes against what a
+real run allocates on 8 CPU devices."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from metaphorstar_jax import config_defaults as common
+from metaphorstar_jax import plan as plan_lib
+from metaphorstar_jax import sharding as sharding_lib
+from metaphorstar_jax import train as train_lib
+from metaphorstar_jax.sampling import Sampler, SamplingConfig
+from metaphorstar_jax.training import step as step_lib
+
+PROGRAM_FIELDS = {"name", "stage", "shapes", "runs_per_step", "arguments", "outputs", "aliased",
+                  "temporaries", "peak", "flops", "bytes_accessed", "compile_seconds",
+                  "seconds_estimate"}
+
+
+def planned_config(preset: str = "tiny", **mesh):
+  """A one-stage GRPO run with a reference copy (the metaphorstar preset's KL loss), two
+  mini-batches of two micro-batches, one small image per prompt."""
+  config = common.base_config()
+  config.model.preset = preset
+  config.model.tokenizer = "small"
+  config.image.min_pixels = config.image.max_pixels = 56 * 56
+  config.data.max_prompt_tokens = 64
+  config.rl.group_size = 2
+  config.rl.max_new_tokens = 8
+  config.train.prompts_per_step = 8
+  config.train.num_minibatches = 2
+  config.train.grad_accum_steps = 2
+  config.mesh.update(mesh)
+  config.stages = [common.stage("grpo", kind="grpo", steps=1, learning_rate=1e-3)]
+  return config
+
+
+@pytest.mark.parametrize("name, chips, compiled_for", [
+    ("v5p-8", 4, "v5p:2x2x1"), ("v5p-32", 16, "v5p:2x2x4"), ("v5p-64", 32, "v5p:2x4x4"),
+    ("v4-8", 4, "v4:2x2x1"), ("v5e-4", 4, "v5e:2x2"), ("v5litepod-8", 8, "v5e:2x4"),
+    ("v6e-8", 8, "v6e:2x4"), ("h100:8", 8, "v5p:2x2x2"), ("cpu:8", 8, "cpu:8")])
+def test_topologies_by_their_usual_names(name, chips, compiled_for):
+  target = plan_lib.resolve_target(name)
+  assert len(target.devices) == chips and target.compiled_for == compiled_for
+  assert target.temporaries_estimated == name.startswith("h100")
+
+
+def test_unknown_topology_says_what_is_known():
+  with pytest.raises(ValueError, match="v5e, v5p"):
+    plan_lib.resolve_target("v9x-8")
+
+
+@pytest.mark.slow
+def test_small_plan_on_v5e_4_has_every_field():
+  config = planned_config("small")
+  config.model.dtype = "bfloat16"
+  config.model.remat = True
+  plan = plan_lib.make_plan(config, plan_lib.resolve_target("v5e-4"))
+  assert plan["fits"] and plan["chips"] == 4 and plan["mesh"] == {"data": 1, "fsdp": 4,
+                                                                  "tensor": 1}
+  assert {r["name"] for r in plan["programs"]} == {"prefill", "decode", "logprobs", "grpo_grads",
+                                                   "accumulate", "apply"}
+  for row in plan["programs"]:
+    assert PROGRAM_FIELDS <= set(row), (row["name"], PROGRAM_FIELDS - set(row))
+    assert row["flops"] > 0 and row["bytes_accessed"] > 0 and row["seconds_estimate"] > 0
+    assert row["peak"] > row["arguments"] > 0
+  state = plan["state_per_chip"]
+  assert state["optimizer_state"] > state["params"] == state["reference"] > 0
+  assert state["gradient_accumulator"] > 0 and state["kv_cache"] > 0
+  assert 0 < plan["estimate"]["actor_mfu"] < 1 and plan["estimate"]["step_seconds"] > 0
+  assert plan["peak_per_chip"] == max(r["peak"] for r in plan["programs"])
+  table = plan_lib.markdown(plan)
+  assert "| grpo_grads | grpo |" in table and "fits" in table
+
+
+def oversized_config():
+  """The tiny model with 8,192 rows of 4,096 completion tokens per micro-batch: its fp32 logits
+  alone are 32 GiB per device on 8 devices."""
+  config = planned_config("tiny")
+  config.train.prompts_per_step = 2048
+  config.rl.group_size = 16
+  config.rl.max_new_tokens = 4096
+  return config
+
+
+def test_oversized_step_is_refused_with_the_numbers():
+  plan = plan_lib.make_plan(oversized_config(), plan_lib.resolve_target("cpu:8"),
+                            only=("grpo_grads",))
+  assert not plan["fits"] and plan["peak_program"] == "grpo_grads (grpo)"
+  grads = next(r for r in plan["programs"] if r["name"] == "grpo_grads")
+  assert grads["temporaries"] > 32 * 2**30
+  message = plan_lib.refusal(plan)
+  assert f"grpo_grads (grpo) needs {grads['peak'] / 2**30:.2f} GiB per chip" in message
+  assert "--config.train.grad_accum_steps=" in message or "cannot fit" in message
+  assert "--config.train.logit_chunk=256" in message
+  assert "bf16 reference copy" in message
+
+
+@pytest.mark.slow
+def test_train_refuses_before_loading_weights(monkeypatch, tmp_path):
+  config = oversized_config()
+  config.workdir = str(tmp_path)
+  config.plan.check_fit = True
+  monkeypatch.setattr(train_lib, "build_model",
+                      lambda *a: pytest.fail("train built the model before the fit check"))
+  with pytest.raises(plan_lib.DoesNotFit, match=r"needs [\d.]+ GiB per chip"):
+    train_lib.train(config)
+
+
+def bytes_on_device(tree, device) -> int:
+  """What real arrays occupy on `device`: the bytes of their shards there."""
+  return sum(shard.data.nbytes for x in jax.tree.leaves(tree) for shard in x.addressable_shards
+             if shard.device == device)
+
+
+def test_exact_parts_equal_a_real_run_on_8_cpu_devices():
+  config = planned_config("tiny", fsdp=4, tensor=2)
+  plan = plan_lib.make_plan(config, plan_lib.resolve_target("cpu:8"), only=("prefill",))
+  state = plan["state_per_chip"]
+
+  # What train allocates: the sharded model, the optimizer state, the reference copy, and the
+  # KV cache the sampler's prefill returns for a batch of the planned shapes.
+  mesh = sharding_lib.make_mesh(**config.mesh.to_dict())
+  device = mesh.devices.flat[0]
+  model = train_lib.build_model(config, mesh)
+  params = nnx.state(model)
+  tx = train_lib.stage_optimizer(config, config.stages[0], params)
+  opt_state = step_lib.init_optimizer_state(tx, params)
+  reference = jax.tree.map(lambda a: jax.device_put(a.copy(), a.sharding), params)
+  shapes = next(r for r in plan["programs"] if r["name"] == "prefill")["shapes"]
+  P, T, S, I = shapes["P"], shapes["T"], shapes["S"], shapes["I"]
+  sampler = Sampler(model, SamplingConfig(max_new_tokens=shapes["N"]), mesh=mesh)
+  grids = np.zeros((I, 3), np.int32)
+  grids[0] = (1, 2, S // 2)
+  ids = np.full((P, T), sampler.pad_id, np.int32)
+  prefilled = sampler.programs()["prefill"](
+      params, sharding_lib.place_rows(ids, mesh), sharding_lib.place_rows(np.ones_like(ids), mesh),
+      np.zeros((S, model.config.vision.patch_dim), np.float32), grids,
+      group_size=shapes["G"], new_tokens=shapes["N"])
+  kv_cache = (prefilled["prompt_cache"], prefilled["cache"])
+
+  assert state["params"] == bytes_on_device(params, device)
+  assert state["optimizer_state"] == bytes_on_device(opt_state, device)
+  assert state["reference"] == bytes_on_device(reference, device)
+  assert state["kv_cache"] == bytes_on_device(kv_cache, device)
+  # Sharding matters: one device holds much less than the whole.
+  whole = sum(x.nbytes for x in jax.tree.leaves(params))
+  assert state["params"] < whole / 2
+  assert math.prod(mesh.devices.shape) == 8

@@ -114,16 +114,5 @@ def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
 
   if smoke:
     common.make_smoke(config)
-    config.rl.overrides = dict(config.rl.overrides, overlong_buffer_len=4)  # < 8 new tokens
     config.data.max_prompt_tokens = 1024  # several images per record
-    for s in config.stages:
-      s.prompts_per_step = config.train.prompts_per_step
-      if s.kind == "grpo":
-        # A random model gives every sample the same reward, so dynamic sampling would keep no
-        # group and skip every update; the smoke run trains on every group instead.
-        s.rl_overrides = dict(s.rl_overrides, overlong_buffer_len=4, filter_groups=False)
-        s.group_size = config.rl.group_size
-        s.gen_prompts_per_step = config.train.prompts_per_step
-      if "tree_rollout" in s:
-        s.tree_rollout = dict(s.tree_rollout, num_roots=1, branches=1)  # group 1 + 1 = 2
   return config

@@ -1,6 +1,7 @@
 """Defaults every training config starts from, and small helpers the configs share (configs/*.py)."""
 
 import ml_collections
+from absl import logging
 
 
 def stage(name: str, *, kind: str, steps: int, learning_rate: float, warmup_steps: int = 0,
@@ -76,6 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
                                                batch_size=32))
   config.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=3, async_save=True,
                                                      resume=True))
+  # HF checkpoints written as the run trains, to workdir/hf/step_N: every `every` steps of each
+  # stage and at its last step (0: never), and after the last stage (`at_end`). dtype on disk:
+  # '' keeps the parameter dtype, or 'bfloat16' / 'float16' / 'float32'.
+  config.export = ml_collections.ConfigDict(dict(every=0, at_end=False, dtype=""))
   config.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb_project="",
                                               progress_bar=True, plot=True))
   # The ahead-of-time plan (python -m metaphorstar_jax.plan): `check_fit` makes train compile
@@ -89,26 +94,91 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+# What a smoke run may change: sizes, counts and paths, never a switch that selects code. A
+# field path; `*` stands for any stage index. tests/test_configs.py checks every other field of
+# each smoke config against its full config.
+SMOKE_SIZE_FIELDS = (
+    "workdir",
+    "model.hf_path", "model.preset", "model.tokenizer",
+    "image.min_pixels", "image.max_pixels",
+    "data.max_prompt_tokens",
+    "rl.group_size", "rl.max_new_tokens", "rl.overrides.overlong_buffer_len",
+    "train.prompts_per_step", "train.gen_prompts_per_step", "train.num_minibatches",
+    "train.grad_accum_steps",
+    "eval.every", "eval.num_examples", "eval.max_new_tokens",
+    "checkpoint.every",
+    "stages.*.steps", "stages.*.warmup_steps", "stages.*.prompts_per_step",
+    "stages.*.gen_prompts_per_step", "stages.*.group_size",
+    "stages.*.rl_overrides.overlong_buffer_len",
+    "stages.*.tree_rollout.num_roots", "stages.*.tree_rollout.branches",
+)
+
+# The switches a smoke run cannot keep, each with the reason; the only non-size fields it changes.
+SMOKE_SWITCHES_OFF = {
+    "rl.overrides.filter_groups": (
+        "DAPO dynamic sampling keeps only groups whose rewards differ; a random tiny model gives "
+        "every sample of a group the same reward, so it would keep no group and never update"),
+}
+SMOKE_SWITCHES_OFF["stages.*.rl_overrides.filter_groups"] = SMOKE_SWITCHES_OFF[
+    "rl.overrides.filter_groups"]
+
+SMOKE_NEW_TOKENS = 8
+SMOKE_GROUP_SIZE = 2
+
+
 def make_smoke(config: ml_collections.ConfigDict) -> None:
-  """Shrinks any config to a few seconds on a laptop CPU."""
+  """Shrinks any config to a few seconds on a laptop CPU, keeping every switch that picks code.
+
+  remat, dtypes, freeze_vision, logit_chunk, KL placement, tree rollouts and the mini-batch /
+  micro-batch structure (num_minibatches > 1 and grad_accum_steps > 1 where the config has them)
+  stay as configured; only SMOKE_SIZE_FIELDS shrink, and SMOKE_SWITCHES_OFF say what cannot run.
+  """
   config.model.hf_path = ""
   config.model.preset = "tiny"
   config.model.tokenizer = "small"
   config.image.min_pixels = config.image.max_pixels = 56 * 56
-  config.train.prompts_per_step = 2
-  config.rl.group_size = 2
-  config.rl.max_new_tokens = 8
+  config.data.max_prompt_tokens = min(config.data.max_prompt_tokens, 512)
+  minibatches = min(config.train.num_minibatches, 2)
+  accumulation = min(config.train.grad_accum_steps, 2)
+  parts = minibatches * accumulation
+  prompts = parts * -(-2 // parts)  # at least two prompts, split evenly into every part
+  config.train.num_minibatches, config.train.grad_accum_steps = minibatches, accumulation
+  config.train.prompts_per_step = prompts
+  config.train.gen_prompts_per_step = 0
+  config.rl.group_size = SMOKE_GROUP_SIZE
+  config.rl.max_new_tokens = SMOKE_NEW_TOKENS
+  config.rl.overrides = _smoke_overrides(config.rl.overrides)
+  config.eval.every = min(config.eval.every, 1)  # 0 stays off; else once inside each stage
   config.eval.num_examples = 4
-  config.model.dtype = "float32"
-  config.model.remat = False
-  config.train.num_minibatches = 1
-  config.train.grad_accum_steps = 1
-  config.eval.max_new_tokens = config.rl.max_new_tokens
-  config.data.max_prompt_tokens = 512
+  config.eval.max_new_tokens = SMOKE_NEW_TOKENS
+  config.checkpoint.every = 2
   for s in config.stages:
     s.steps = 2
     s.warmup_steps = 0
-  config.checkpoint.every = 2
+    if "prompts_per_step" in s:
+      s.prompts_per_step = prompts
+    if "gen_prompts_per_step" in s:
+      s.gen_prompts_per_step = prompts
+    if "rl_overrides" in s:
+      s.rl_overrides = _smoke_overrides(s.rl_overrides)
+    if s.get("tree_rollout"):
+      s.tree_rollout = dict(s.tree_rollout, num_roots=1, branches=1)
+    if "group_size" in s:
+      s.group_size = SMOKE_GROUP_SIZE  # a smoke tree's 1 root + 1 branch too
+
+
+def _smoke_overrides(overrides) -> dict:
+  """Loss overrides for a smoke run: the overlong buffer fits its short budget; no dynamic
+  sampling (see SMOKE_SWITCHES_OFF)."""
+  overrides = dict(overrides)
+  if "overlong_buffer_len" in overrides:
+    overrides["overlong_buffer_len"] = SMOKE_NEW_TOKENS // 2
+  if overrides.get("filter_groups"):
+    logging.warning("Smoke mode turns dynamic sampling (filter_groups) off: %s.",
+                    SMOKE_SWITCHES_OFF["rl.overrides.filter_groups"])
+  if "filter_groups" in overrides:
+    overrides["filter_groups"] = False
+  return overrides
 
 
 def tfq_grpo(size: str, *, grad_accum_steps: int, smoke: bool = False) -> ml_collections.ConfigDict:

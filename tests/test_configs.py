@@ -9,7 +9,7 @@ import os
 import ml_collections
 import pytest
 
-from metaphorstar_jax import evaluate, rl, train
+from metaphorstar_jax import config_defaults as common, evaluate, rl, train
 from metaphorstar_jax.tasks import get_task
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -164,11 +164,24 @@ def test_cinema_stages_and_numbers():
   assert cold.sft_data == ""
 
 
+def test_tfq_sizes_share_one_smoke_run():
+  """The 3B and 32B smoke runs are the 7B's field for field (sizes shrink to the same tiny
+  model), so training the 7B smoke config below runs all three."""
+  seven = flat_fields(load("tfq_grpo_7b.py", smoke=True))
+  for name in ("tfq_grpo_3b.py", "tfq_grpo_32b.py"):
+    other = flat_fields(load(name, smoke=True))
+    assert {k: v for k, v in other.items() if k != "workdir"} == {
+        k: v for k, v in seven.items() if k != "workdir"}, name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tfq_grpo_7b.py", "rewardmap_7b.py", "star_r1_7b.py",
                                   "cinema_7b.py"])
 def test_task_config_trains_a_few_steps_on_its_miniature_and_evaluates(name, tmp_path):
+  """The paper's switches (remat, bf16 compute, its batching structure) train, checkpoint, and
+  the checkpoint restores into the evaluation CLI."""
   config = load(name, smoke=True)
+  assert config.model.remat and config.model.dtype == "bfloat16"
   config.workdir = str(tmp_path / "run")
   config.log.progress_bar = False
   config.checkpoint.async_save = False
@@ -182,3 +195,55 @@ def test_task_config_trains_a_few_steps_on_its_miniature_and_evaluates(name, tmp
   assert result["metrics"]
   table = (tmp_path / "eval" / "results.md").read_text()
   assert table.count("|") > 4
+
+
+PAPER_CONFIGS = ["tfq_grpo_3b.py", "tfq_grpo_7b.py", "tfq_grpo_32b.py", "rewardmap_7b.py",
+                 "star_r1_7b.py", "cinema_7b.py"]
+
+
+def flat_fields(value, prefix=""):
+  """{'a.b.0.c': leaf} over nested dicts and lists (stages are a list)."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    items = value.items()
+  elif isinstance(value, (list, tuple)) and value and isinstance(value[0], (dict,
+                                                                        ml_collections.ConfigDict)):
+    items = enumerate(value)
+  else:
+    return {prefix: value}
+  flat = {}
+  for key, child in items:
+    flat.update(flat_fields(child, f"{prefix}.{key}" if prefix else str(key)))
+  return flat
+
+
+def matches(path, patterns):
+  """Whether `path` is one of `patterns` (`*` for a stage index) or lies below one."""
+  for pattern in patterns:
+    pattern_parts, parts = pattern.split("."), path.split(".")
+    if len(parts) >= len(pattern_parts) and all(
+        want in ("*", got) for want, got in zip(pattern_parts, parts)):
+      return True
+  return False
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_smoke_mode_changes_only_sizes_and_the_switches_it_names(name):
+  """Every field a smoke run changes is a size of config_defaults.SMOKE_SIZE_FIELDS or a switch
+  of SMOKE_SWITCHES_OFF (with its reason); remat, dtypes, KL placement, tree rollouts and the
+  rest keep the paper's values, so CI's smoke runs execute the paper's code paths."""
+  full, smoke = flat_fields(load(name)), flat_fields(load(name, smoke=True))
+  assert set(smoke) == set(full), set(smoke) ^ set(full)
+  allowed = common.SMOKE_SIZE_FIELDS + tuple(common.SMOKE_SWITCHES_OFF)
+  changed = {path: (full[path], smoke[path]) for path in full if full[path] != smoke[path]}
+  unexplained = {path: values for path, values in changed.items() if not matches(path, allowed)}
+  assert not unexplained, f"smoke mode changes switches that select code: {unexplained}"
+  assert all(len(reason) > 20 for reason in common.SMOKE_SWITCHES_OFF.values())
+  # The micro-batch and mini-batch structure survives, with a batch that divides.
+  for field in ("num_minibatches", "grad_accum_steps"):
+    assert (smoke[f"train.{field}"] > 1) == (full[f"train.{field}"] > 1), field
+  parts = smoke["train.num_minibatches"] * smoke["train.grad_accum_steps"]
+  assert smoke["train.prompts_per_step"] % parts == 0
+  assert smoke["model.remat"] == full["model.remat"] is True
+  assert smoke["model.dtype"] == full["model.dtype"] == "bfloat16"

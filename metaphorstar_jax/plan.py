@@ -279,6 +279,8 @@ class Program:
   phase: str = "update"  # 'rollout' or 'update' (for the roofline's actor MFU)
   result: dict = dataclasses.field(default_factory=dict)
   outputs: Any = None
+  # The outputs' layout when the program does not compile (its shapes are known from lowering).
+  assumed_outputs: Any = None
 
 
 class _Layout:
@@ -299,8 +301,8 @@ class _Layout:
 def _compile(program: Program) -> None:
   """Lowers and compiles `program`, recording memory, cost and compile time."""
   start = time.perf_counter()
+  lowered = program.fn.lower(*program.args, **program.kwargs)
   try:
-    lowered = program.fn.lower(*program.args, **program.kwargs)
     compiled = lowered.compile()
   except Exception as e:  # the compiler refuses programs that overflow the chip's memory
     message = str(e)
@@ -311,6 +313,9 @@ def _compile(program: Program) -> None:
     program.result = dict(error=message.strip().splitlines()[0][:500], compile_seconds=round(
         time.perf_counter() - start, 1),
         program_bytes=(float(used.group(1)) * scale[used.group(2)]) if used else None)
+    # Later programs take these outputs as inputs: lay them out as the trainer constrains them.
+    if program.assumed_outputs is not None:
+      program.outputs = program.assumed_outputs(lowered.out_info)
     return
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
@@ -369,6 +374,12 @@ def stage_programs(config, stage, model, params, layout: _Layout, state: dict) -
                 T=train_lib.prompt_width(T, longest), N=N, S=S if images.images else 0, I=I)
 
   accumulator = ("accumulator",) if train_cfg.grad_accum_steps > 1 else ()
+
+  def like_params(info):  # gradients laid out like the parameters, metrics replicated
+    return (jax.tree.map(lambda o, p: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=p.sharding),
+                         info[0], params),
+            jax.tree.map(lambda o: layout.whole(o.shape, o.dtype), info[1]))
+
   if stage.kind == "grpo":
     G = objective.group_size
     draws = [("", train_lib.draw_size(staged, stage, objective), G, longest)]
@@ -387,7 +398,9 @@ def stage_programs(config, stage, model, params, layout: _Layout, state: dict) -
                         (params, layout.rows((prompts, T), jnp.int32),
                          layout.rows((prompts, T), jnp.int32), pixels, grids),
                         dict(group_size=per_prompt, new_tokens=N), shapes, 1,
-                        resident_args=("params",), phase="rollout")
+                        resident_args=("params",), phase="rollout",
+                        assumed_outputs=lambda info: jax.tree.map(  # the prefill's constraint
+                            lambda o: layout.rows(o.shape, o.dtype), info))
       out.append(prefill)
       decode = Program(f"decode{suffix}", name, sampler.programs()["decode"], None, {}, shapes,
                        1, resident_args=("params",), phase="rollout")
@@ -418,7 +431,7 @@ def stage_programs(config, stage, model, params, layout: _Layout, state: dict) -
         (params, seq, layout.rows((B,), jnp.float32), None if on_policy else per_token(),
          per_token() if uses_ref else None, per_token(), layout.rows((B, N), jnp.int32), count,
          count), kw, shapes, updates * train_cfg.grad_accum_steps, resident_args=("params",),
-        extra_resident=accumulator))
+        extra_resident=accumulator, assumed_outputs=like_params))
   elif stage.kind == "sft":
     per_record = 1 if stage.get("sft_data") else (
         len(tuple(config.warmup.answers)) if config.warmup.every_answer else 1)
@@ -430,7 +443,8 @@ def stage_programs(config, stage, model, params, layout: _Layout, state: dict) -
     out.append(Program("sft_grads", name, programs_of_steps["sft_grads"],
                        (params, seq, layout.whole((), jnp.float32, weak_type=True)),
                        dict(columns=N), shapes, train_cfg.grad_accum_steps,
-                       resident_args=("params",), extra_resident=accumulator))
+                       resident_args=("params",), extra_resident=accumulator,
+                       assumed_outputs=like_params))
   else:
     raise ValueError(f"Unknown stage kind {stage.kind!r}; use 'sft' or 'grpo'.")
   grads_program = out[-1]
@@ -452,11 +466,13 @@ def stage_programs(config, stage, model, params, layout: _Layout, state: dict) -
 
 # --- the plan -----------------------------------------------------------------------------------
 
-def make_plan(config, target: Target, only: Sequence[str] = ()) -> dict:
+def make_plan(config, target: Target, only: Sequence[str] = (),
+              stop_at_misfit: bool = False) -> dict:
   """Compiles every program of `config`'s stages for `target`; returns the plan (JSON-able).
 
   `only` (names such as 'prefill', 'grpo_grads') compiles just those programs and what they
   need (decode needs prefill; accumulate and apply need the gradient); the plan is then partial.
+  With `stop_at_misfit` it stops after the first program that cannot fit (train's check).
   """
   wanted = set(only)
   if wanted & {"decode", "decode (branches)"}:
@@ -471,7 +487,10 @@ def make_plan(config, target: Target, only: Sequence[str] = ()) -> dict:
   params = with_shardings(abstract, sharding_lib.parameter_shardings(abstract, mesh))
   parameter_count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   stages = []
+  stopped = False
   for stage in config.stages:
+    if stopped:
+      break
     state: dict[str, Any] = {"params": params}
     programs = stage_programs(config, stage, model, params, layout, state)
     if wanted:
@@ -480,26 +499,36 @@ def make_plan(config, target: Target, only: Sequence[str] = ()) -> dict:
       if callable(program.args):  # needs an earlier program's outputs
         earlier = next((p for p in programs if p.name == "prefill" + program.name[6:]), None)
         if program.name.startswith("decode"):
-          if earlier is None or earlier.outputs is None:
-            program.result = dict(error=f"not compiled: {earlier.name} did not compile")
-            continue
           program.args = program.args(earlier.outputs)
         else:
-          grads = next((p for p in programs if p.name.endswith("_grads")), None)
-          if grads is None or grads.outputs is None:
-            program.result = dict(error=f"not compiled: {grads.name} did not compile")
-            continue
           program.args = program.args()
       logging.info("Compiling %s (%s) for %s ...", program.name, stage.name, target.compiled_for)
       _compile(program)
-      if program.name.endswith("_grads") and program.outputs is not None:
+      if program.name.endswith("_grads"):
         state["accumulator"] = program.outputs[0]
-      if program.name == "prefill" and program.outputs is not None:
+      if program.name == "prefill":
         state["kv_cache"] = (program.outputs["prompt_cache"], program.outputs["cache"])
+      if stop_at_misfit:
+        peak = _peak(program, {k: bytes_on(v, device) for k, v in state.items()})
+        if peak is None or peak > target.chip.memory_bytes:
+          stopped = True
+          break
     stages.append((stage, state, programs))
   plan = _summarise(config, target, mesh, device, stages, parameter_count)
   plan["partial"] = sorted(wanted)
   return plan
+
+
+def _peak(program: Program, sizes: dict) -> float | None:
+  """Bytes on a chip while `program` runs: the resident state it does not take as an argument,
+  plus its arguments, its outputs that do not reuse a donated argument, and its temporaries."""
+  r = program.result
+  resident = sum(sizes.get(k, 0) for k in ("params", "opt_state", "reference"))
+  outside = resident - sum(sizes.get(k, 0) for k in program.resident_args if k != "accumulator")
+  outside += sum(sizes.get(k, 0) for k in program.extra_resident)
+  if "error" in r:
+    return (outside + r["program_bytes"]) if r.get("program_bytes") else None
+  return outside + r["arguments"] + r["outputs"] - r["aliased"] + r["temporaries"]
 
 
 def _summarise(config, target: Target, mesh: Mesh, device, stages, parameter_count) -> dict:
@@ -512,15 +541,11 @@ def _summarise(config, target: Target, mesh: Mesh, device, stages, parameter_cou
     sizes = {k: bytes_on(v, device) for k, v in state.items()}
     for k, v in sizes.items():
       parts[k] = max(parts.get(k, 0), v)
-    resident = sum(sizes.get(k, 0) for k in ("params", "opt_state", "reference"))
     for p in programs:
-      r = dict(p.result)
-      outside = resident - sum(sizes.get(k, 0) for k in p.resident_args if k != "accumulator")
-      outside += sum(sizes.get(k, 0) for k in p.extra_resident)
-      if "error" in r:
-        r["peak"] = (outside + r["program_bytes"]) if r.get("program_bytes") else None
-      else:
-        r["peak"] = outside + r["arguments"] + r["outputs"] - r["aliased"] + r["temporaries"]
+      if not p.result:  # not compiled: the plan stopped at an earlier misfit
+        continue
+      r = dict(p.result, peak=_peak(p, sizes))
+      if "error" not in r:
         r["seconds_estimate"] = _roofline(chip, r, p)
         if p.phase == "rollout":
           rollout_s += r["seconds_estimate"] or 0.0
@@ -562,7 +587,7 @@ def _summarise(config, target: Target, mesh: Mesh, device, stages, parameter_cou
         step_seconds=step_s, rollout_seconds=rollout_s, update_seconds=update_s,
         actor_mfu=(model_flops / chips) / (update_s * chip.peak_flops) if update_s else None)
   if not fits:
-    plan["suggestions"] = suggestions(config, plan)
+    plan["suggestions"] = suggestions(plan)
   return plan
 
 
@@ -576,22 +601,27 @@ def _roofline(chip: Chip, r: dict, program: Program) -> float | None:
   return once * trips * program.runs_per_step
 
 
-def suggestions(config, plan: dict) -> list[str]:
-  """Settings that would probably fit, each with a rough estimate of the new peak (rerun the
-  plan with the setting to measure it)."""
+def suggestions(plan: dict) -> list[str]:
+  """What does not fit, then settings that would probably fit, each with a rough estimate of
+  the new peak (rerun the plan with the setting to measure it)."""
   limit, peak = plan["memory_per_chip"], plan["peak_per_chip"]
+  state, settings, chips = plan["state_per_chip"], plan["config"], plan["chips"]
   worst = max((r for r in plan["programs"] if r.get("peak") is not None),
               key=lambda r: r["peak"], default=None)
-  state = plan["state_per_chip"]
-  out = []
-  if worst is None or peak is None:
-    return ["A program failed to compile without reporting its size; see its error."]
-  over = peak - limit
+  out = [f"{r['name']} ({r['stage']}) did not compile: {r['error']}"
+         for r in plan["programs"] if r.get("error") and r.get("peak") is None]
+  if worst is None:
+    return out
+  if worst["peak"] > limit:
+    out.append(f"{worst['name']} ({worst['stage']}) needs {_gib(worst['peak'])} per chip at its "
+               f"peak, {_gib(worst['peak'] - limit)} over the {_gib(limit)} of a {plan['chip']}")
+  rollout = worst["name"].startswith(("prefill", "decode"))
+  temporaries = worst.get("temporaries", 0)
   if worst["name"].endswith(("_grads", "logprobs")) and "temporaries" in worst:
-    shrinking = worst["temporaries"] + max(0, worst["arguments"] - state["params"])
-    fixed = peak - shrinking
-    accum = plan["config"]["grad_accum_steps"]
-    prompts = plan["config"]["prompts_per_step"] // plan["config"]["num_minibatches"]
+    shrinking = temporaries + max(0, worst["arguments"] - state["params"])
+    fixed = worst["peak"] - shrinking
+    accum = settings["grad_accum_steps"]
+    prompts = settings["prompts_per_step"] // settings["num_minibatches"]
     for k in (2, 4, 8, 16, 32):
       if prompts % (accum * k) == 0 and fixed + shrinking / k <= limit:
         out.append(f"--config.train.grad_accum_steps={accum * k}: about "
@@ -601,30 +631,27 @@ def suggestions(config, plan: dict) -> list[str]:
     else:
       out.append(f"more micro-batches alone cannot fit it: {_gib(fixed)} per chip does not "
                  "shrink with the micro-batch")
-  if not plan["config"]["remat"]:
-    out.append("--config.model.remat=True: keeps one activation per block for the backward pass")
-  if plan["config"]["logit_chunk"] == 0:
-    out.append("--config.train.logit_chunk=256: the LM head forms fp32 logits 256 tokens at a "
-               "time instead of over every completion token at once")
-  if state["reference"] and plan["config"]["param_dtype"] == "float32":
-    out.append(f"a bf16 reference copy would save {_gib(state['reference'] / 2)} per chip (not a "
-               "config field yet)")
-  chips = plan["chips"]
+    if not settings["remat"]:
+      out.append("--config.model.remat=True: keeps one activation per block for the backward "
+                 "pass")
+    if settings["logit_chunk"] == 0:
+      out.append("--config.train.logit_chunk=256: the LM head forms fp32 logits 256 tokens at "
+                 "a time instead of over every completion token at once")
+  if state["reference"] and settings["param_dtype"] == "float32":
+    out.append(f"a bf16 reference copy would save {_gib(state['reference'] / 2)} per chip (not "
+               "a config field yet)")
   sharded = sum(state[k] for k in ("params", "optimizer_state", "reference",
                                    "gradient_accumulator"))
   for factor in (2, 4, 8):
-    guess = peak - sharded * (1 - 1 / factor) - (worst.get("temporaries", 0) * (1 - 1 / factor))
+    guess = worst["peak"] - (sharded + temporaries) * (1 - 1 / factor)
     if guess <= limit:
-      out.append(f"{chips * factor} chips with --config.mesh.fsdp=-1 (or a tensor axis of "
-                 f"{factor}): about {_gib(guess)} per chip")
+      out.append(f"{chips * factor} chips with --config.mesh.fsdp=-1: about {_gib(guess)} per "
+                 "chip, if the temporaries shard as well as the state")
       break
-  if worst["name"].startswith(("prefill", "decode")):
+  if rollout:
     out.append("the rollout runs the whole generation batch at once: fewer "
-               "--config.train.prompts_per_step, shorter --config.rl.max_new_tokens or smaller "
-               "images (--config.image.max_pixels) shrink it")
-  if over > 0:
-    out.insert(0, f"{worst['name']} ({worst['stage']}) needs {_gib(peak)} per chip at its peak, "
-               f"{_gib(over)} over the {_gib(limit)} of a {plan['chip']}")
+               "--config.train.prompts_per_step, shorter --config.rl.max_new_tokens or "
+               "data.max_prompt_tokens, or smaller images (--config.image.max_pixels) shrink it")
   return out
 
 
@@ -674,7 +701,8 @@ def markdown(plan: dict) -> str:
         f"{_num(r['bytes_accessed'], 'B')} | {r['compile_seconds']} | "
         f"{_seconds(r.get('seconds_estimate'))} |")
   verdict = "fits" if plan["fits"] else "DOES NOT FIT"
-  headroom = "" if plan["headroom"] is None else f", {100 * plan['headroom']:.0f}% headroom"
+  headroom = (f", {100 * plan['headroom']:.0f}% headroom" if plan["headroom"] >= 0 else
+              f", {_gib(plan['peak_per_chip'] - plan['memory_per_chip'])} over")
   lines += ["", f"Peak per chip: {_gib(plan['peak_per_chip'])} in {plan['peak_program']} of "
                 f"{_gib(plan['memory_per_chip'])}: **{verdict}**{headroom}. Compiling took "
                 f"{plan['compile_seconds']} s."]
@@ -708,7 +736,7 @@ class DoesNotFit(ValueError):
 
 def check_fit(config, mesh: Mesh) -> dict:
   """Plans `config` on the mesh's own devices; raises DoesNotFit when a step would not fit."""
-  plan = make_plan(config, local_target(mesh))
+  plan = make_plan(config, local_target(mesh), stop_at_misfit=True)
   logging.info("Plan:\n%s", markdown(plan))
   if not plan["fits"]:
     raise DoesNotFit(plan)

@@ -61,7 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
       ppo_epochs=1,  # μ: passes over each step's rollouts
       num_minibatches=1,  # optimizer updates per pass
       grad_accum_steps=1,  # micro-batches per update
-      logit_chunk=0,  # >0: form LM-head logits this many tokens at a time
+      # Form LM-head logits this many completion tokens at a time (0: all at once), each chunk
+      # recomputed in the backward pass: (rows × 2048 × 152k) fp32 logits never exist at once.
+      logit_chunk=128,
   ))
   config.optim = ml_collections.ConfigDict(dict(
       schedule="constant", final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8,
@@ -104,7 +106,7 @@ SMOKE_SIZE_FIELDS = (
     "data.max_prompt_tokens",
     "rl.group_size", "rl.max_new_tokens", "rl.overrides.overlong_buffer_len",
     "train.prompts_per_step", "train.gen_prompts_per_step", "train.num_minibatches",
-    "train.grad_accum_steps",
+    "train.grad_accum_steps", "train.logit_chunk",
     "eval.every", "eval.num_examples", "eval.max_new_tokens",
     "checkpoint.every",
     "stages.*.steps", "stages.*.warmup_steps", "stages.*.prompts_per_step",
@@ -145,6 +147,8 @@ def make_smoke(config: ml_collections.ConfigDict) -> None:
   config.train.num_minibatches, config.train.grad_accum_steps = minibatches, accumulation
   config.train.prompts_per_step = prompts
   config.train.gen_prompts_per_step = 0
+  if config.train.logit_chunk > 0:  # still chunked: a chunk below the smoke completions' length
+    config.train.logit_chunk = min(config.train.logit_chunk, SMOKE_NEW_TOKENS // 2)
   config.rl.group_size = SMOKE_GROUP_SIZE
   config.rl.max_new_tokens = SMOKE_NEW_TOKENS
   config.rl.overrides = _smoke_overrides(config.rl.overrides)

@@ -243,6 +243,8 @@ def test_smoke_mode_changes_only_sizes_and_the_switches_it_names(name):
   # The micro-batch and mini-batch structure survives, with a batch that divides.
   for field in ("num_minibatches", "grad_accum_steps"):
     assert (smoke[f"train.{field}"] > 1) == (full[f"train.{field}"] > 1), field
+  assert (smoke["train.logit_chunk"] > 0) == (full["train.logit_chunk"] > 0)
+  assert smoke["train.logit_chunk"] < smoke["rl.max_new_tokens"] or not full["train.logit_chunk"]
   parts = smoke["train.num_minibatches"] * smoke["train.grad_accum_steps"]
   assert smoke["train.prompts_per_step"] % parts == 0
   assert smoke["model.remat"] == full["model.remat"] is True

@@ -1,6 +1,8 @@
 """Trainer-side log-probs agree with the sampler's, with images encoded once per prompt, and the
 prompt-once scoring equals one full pass over the tiled prompt+completion rows."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,37 @@ def test_trainer_logprobs_equal_sampler_logprobs_and_chunking_is_exact():
       model, s, temperature=temperature, chunk_size=4))(seq)
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(logprobs), atol=1e-6)
   np.testing.assert_allclose(np.asarray(chunked_entropy), np.asarray(entropy), atol=1e-6)
+  # A chunk that does not divide N pads the last chunk instead of silently not chunking.
+  ragged, ragged_entropy = jax.jit(lambda s: completion_logprobs(
+      model, s, temperature=temperature, chunk_size=3))(seq)
+  np.testing.assert_allclose(np.asarray(ragged), np.asarray(logprobs), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(ragged_entropy), np.asarray(entropy), atol=1e-6)
+
+
+@pytest.mark.parametrize("new_tokens", [64, 60])  # a multiple of the chunk, and not
+def test_chunked_lm_head_gradient_never_holds_all_logits(new_tokens):
+  """With logit chunks, the gradient's temporaries stay near one chunk's (B, chunk, V) logits
+  instead of several (B, N, V) arrays (measured by the compiler, not by a clock)."""
+  cfg = qwen2_5_vl.preset("tiny")
+  cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=32768))
+  graphdef, params = nnx.split(qwen2_5_vl.init(cfg))
+  B, T = 4, 8
+  ones = lambda *shape: jnp.ones(shape, jnp.int32)
+  seq = SequenceBatch(ones(B // 2, T), ones(B // 2, T), None, None, ones(B, new_tokens),
+                      ones(B, new_tokens))
+
+  def temporaries(chunk):
+    def loss(params):
+      logprobs, entropy = completion_logprobs(nnx.merge(graphdef, params), seq, chunk_size=chunk)
+      return logprobs.sum() + entropy.sum()
+    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  all_logits = B * new_tokens * cfg.text.vocab_size * 4
+  unchunked, chunked = temporaries(0), temporaries(8)
+  assert unchunked > 2 * all_logits
+  # What remains is about one chunk plus the LM head's gradient and its accumulator.
+  assert chunked < unchunked / 3, (unchunked, chunked, all_logits)
 
 
 def tiled_completion_hidden_states(model, batch: SequenceBatch):

@@ -15,6 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from metaphorstar_jax import rl
+
 
 class SequenceBatch(NamedTuple):
   """Prompts (left-aligned, P rows) and the completions to score (B = P·G rows)."""
@@ -66,8 +68,9 @@ def completion_logprobs(model, batch: SequenceBatch, *, temperature: float = 1.0
   """log softmax(logits / temperature) of each completion token, and the per-token entropy.
 
   Args:
-    chunk_size: when > 0 and it divides N, logits are formed `chunk_size` tokens at a time so a
-      large vocabulary never materialises (B, N, V) at once.
+    chunk_size: when > 0 and below N, logits are formed `chunk_size` tokens at a time (N padded
+      up to a multiple) and each chunk is recomputed in the backward pass, so neither the
+      forward nor the gradient ever holds more than one chunk's (B, chunk, V) logits.
 
   Returns:
     logprobs_BN and entropy_BN (zeros when `with_entropy` is False), float32, unmasked.
@@ -76,20 +79,21 @@ def completion_logprobs(model, batch: SequenceBatch, *, temperature: float = 1.0
   tokens_BN = batch.completion_BN
 
   def score(hidden_BCD, tokens_BC):
-    logits_BCV = model.logits(hidden_BCD).astype(jnp.float32) / temperature
-    logprobs_BCV = jax.nn.log_softmax(logits_BCV, axis=-1)
-    picked_BC = jnp.take_along_axis(logprobs_BCV, tokens_BC[..., None], axis=-1)[..., 0]
+    logits_BCV = model.logits(hidden_BCD)
+    picked_BC = rl.token_logprobs(logits_BCV, tokens_BC, temperature=temperature)
     if not with_entropy:
       return picked_BC, jnp.zeros_like(picked_BC)
-    entropy_BC = -jnp.sum(jnp.exp(logprobs_BCV) * logprobs_BCV, axis=-1)
-    return picked_BC, entropy_BC
+    return picked_BC, rl.entropy_from_logits(logits_BCV, temperature=temperature)
 
-  N = tokens_BN.shape[1]
-  if chunk_size <= 0 or chunk_size >= N or N % chunk_size:
+  B, N = tokens_BN.shape
+  if chunk_size <= 0 or chunk_size >= N:
     return score(hidden_BND, tokens_BN)
-  chunks = N // chunk_size
-  split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], chunks, chunk_size, *a.shape[2:]), 1, 0)
-  picked_KBC, entropy_KBC = jax.lax.map(lambda args: score(*args),
+  chunks = -(-N // chunk_size)
+  pad = chunks * chunk_size - N  # padded positions score token 0 and are cut off below
+  hidden_BND = jnp.pad(hidden_BND, ((0, 0), (0, pad), (0, 0)))
+  tokens_BN = jnp.pad(tokens_BN, ((0, 0), (0, pad)))
+  split = lambda a: jnp.moveaxis(a.reshape(B, chunks, chunk_size, *a.shape[2:]), 1, 0)
+  picked_KBC, entropy_KBC = jax.lax.map(jax.checkpoint(lambda args: score(*args)),
                                         (split(hidden_BND), split(tokens_BN)))
-  merge = lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], N)
+  merge = lambda a: jnp.moveaxis(a, 0, 1).reshape(B, chunks * chunk_size)[:, :N]
   return merge(picked_KBC), merge(entropy_KBC)

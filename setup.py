@@ -7,7 +7,11 @@ setuptools.setup(
     version="0.1.0",
     description="GRPO-family RL for vision-language models (Qwen2.5-VL) in JAX/Flax NNX.",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["metaphorstar_jax", "metaphorstar_jax.*"]),
+    # configs/ ships inside the package as metaphorstar_jax.configs, so that a non-editable
+    # install (pip install ., pip install git+...) can run the default command.
+    packages=setuptools.find_packages(include=["metaphorstar_jax", "metaphorstar_jax.*"])
+    + ["metaphorstar_jax.configs"],
+    package_dir={"metaphorstar_jax.configs": "configs"},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",

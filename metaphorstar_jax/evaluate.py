@@ -40,6 +40,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
+from metaphorstar_jax import config_files
 from metaphorstar_jax import judge as judge_lib
 from metaphorstar_jax import rl
 from metaphorstar_jax import sharding as sharding_lib
@@ -47,9 +48,10 @@ from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
 from metaphorstar_jax.tasks import Record, Task, get_task, load_records
 from metaphorstar_jax.tasks.records import load_or_generate
+from metaphorstar_jax.training import checkpoints
+from metaphorstar_jax.training.checkpoints import checkpoint_location
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "configs", "tfq_grpo_tiny.py")
+DEFAULT_CONFIG = config_files.path(config_files.DEFAULT)  # shipped with the package
 SAMPLING_MODES = ("greedy", "validation")
 JUDGED_TASKS = ("tfq_osq",)  # tasks whose headline metric is an LLM judge's grade
 RESULTS_JSON, RESULTS_MD, COMPLETIONS = "results.json", "results.md", "completions.jsonl"
@@ -71,20 +73,6 @@ def eval_records(config, task: Task, scratch_dir: str) -> tuple[list[Record], st
                           seed=config.seed)
 
 
-def checkpoint_location(path: str) -> tuple[str, str]:
-  """(Orbax manager folder, run folder) for a run folder, its checkpoints/ folder or one step's
-  folder (`.../checkpoints/50`)."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), path
-  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "arrays")):
-    return os.path.dirname(path), os.path.dirname(os.path.dirname(path))
-  if os.path.isdir(path):
-    return path, os.path.dirname(path)
-  raise FileNotFoundError(f"Checkpoint path {path!r} does not exist; pass a training run folder "
-                          "(holding checkpoints/) or a checkpoints folder.")
-
-
 def restore_policy(config, checkpoint: str, mesh, step: int | None = None):
   """(model, step): the architecture of `config.model`, with the params of a training checkpoint.
 
@@ -95,6 +83,7 @@ def restore_policy(config, checkpoint: str, mesh, step: int | None = None):
   manager_dir, _ = checkpoint_location(checkpoint)
   if step is None and os.path.basename(os.path.abspath(checkpoint)).isdigit():
     step = int(os.path.basename(os.path.abspath(checkpoint)))
+  step = checkpoints.resolve_step(manager_dir, step)
   m = config.model
   runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=False)
   model_config = (qwen2_5_vl.from_json_file(m.hf_path, **runtime) if m.hf_path
@@ -106,14 +95,6 @@ def restore_policy(config, checkpoint: str, mesh, step: int | None = None):
       nnx.to_pure_dict(state), shardings)}
   manager = ocp.CheckpointManager(manager_dir, item_names=("arrays", "data", "meta"),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
-  available = list(manager.all_steps())
-  if not available:
-    raise FileNotFoundError(f"No checkpoint under {manager_dir}; has the run saved one "
-                            "(config.checkpoint.every)?")
-  step = manager.latest_step() if step is None else step
-  if step not in available:
-    raise ValueError(f"No checkpoint of step {step} under {manager_dir}; saved steps: "
-                     f"{sorted(available)}.")
   restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True)))

@@ -29,7 +29,8 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from metaphorstar_jax import data, rl
+from metaphorstar_jax import config_files, data, rl
+from metaphorstar_jax import export as export_lib
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.pipeline import PromptStream, collate
 from metaphorstar_jax.models import qwen2_5_vl
@@ -39,8 +40,7 @@ from metaphorstar_jax.tasks.records import load_or_generate
 from metaphorstar_jax.training import checkpoints, metrics as metrics_lib, optimizer, step as step_lib
 from metaphorstar_jax.training.policy import SequenceBatch
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "configs", "tfq_grpo_tiny.py")
+DEFAULT_CONFIG = config_files.path(config_files.DEFAULT)  # shipped with the package
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.")
 
 
@@ -658,7 +658,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
                  stage_step=0)
   resume_step = ckpt.latest_step() if config.checkpoint.resume else None
   resume_meta = ckpt.restore_meta(resume_step) if resume_step is not None else None
-  results: dict[str, Any] = {"evaluations": []}
+  results: dict[str, Any] = {"evaluations": [], "exports": []}
 
   def run_eval(tag: str) -> dict:
     found = evaluate(task, eval_records, processor, eval_sampler, run.params,
@@ -668,6 +668,13 @@ def train(config: ml_collections.ConfigDict) -> dict:
     writer.write(run.global_step, {f"eval/{k}": v for k, v in found.items()})
     results["evaluations"].append({"tag": tag, "step": run.global_step, **found})
     return found
+
+  def export_now() -> None:  # config.export: an HF checkpoint at workdir/hf/step_N
+    out = export_lib.step_dir(workdir, run.global_step)
+    if out not in results["exports"]:  # at_end right after `every` wrote this step
+      export_lib.export_params(run.params, model.config, out, config, processor,
+                               dtype=config.export.dtype or None, replace=True)
+      results["exports"].append(out)
 
   first_stage = resume_meta["stage_index"] if resume_meta else 0
   run.global_step = sum(s.steps for s in config.stages[:first_stage])
@@ -742,10 +749,15 @@ def train(config: ml_collections.ConfigDict) -> dict:
         if run.global_step == config.debug.kill_after_checkpoint:
           ckpt.wait()
           os.kill(os.getpid(), signal.SIGKILL)  # simulate a pre-emption
+      if config.export.every and (run.stage_step % config.export.every == 0
+                                  or run.stage_step == stage.steps):
+        export_now()
     if run.stage_step == stage.steps and stage_index + 1 < len(config.stages) and \
         config.checkpoint.every:
       ckpt.wait()
     results[f"after {stage.name}"] = run_eval(f"after {stage.name}")
+  if config.export.at_end:
+    export_now()
   ckpt.close()
   writer.close()
   if config.log.plot:

@@ -65,12 +65,13 @@ def random_pixels(rng: np.random.Generator, grids) -> np.ndarray:
   return rng.standard_normal((patches, 3 * 2 * 14 * 14)).astype(np.float32)
 
 
-def hf_forward(model, input_ids, attention_mask, pixel_values=None, grids=None):
+def hf_forward(model, input_ids, attention_mask, pixel_values=None, grids=None,
+               image_token_id=IMAGE_PAD):
   """Logits from transformers (5.x needs mm_token_type_ids to take the M-RoPE path)."""
   import torch
   ids = torch.tensor(np.asarray(input_ids), dtype=torch.long)
   kwargs = dict(input_ids=ids, attention_mask=torch.tensor(np.asarray(attention_mask)),
-                mm_token_type_ids=(ids == IMAGE_PAD).int())
+                mm_token_type_ids=(ids == image_token_id).int())
   if pixel_values is not None:
     kwargs.update(pixel_values=torch.tensor(pixel_values),
                   image_grid_thw=torch.tensor(np.asarray(grids), dtype=torch.long))

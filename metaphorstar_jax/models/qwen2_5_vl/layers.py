@@ -11,6 +11,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from metaphorstar_jax.models.qwen2_5_vl import blockwise_attention
+
+# Keys per block of the blockwise path, which attention takes once a head's score matrix would
+# exceed ATTENTION_BLOCK² entries (long prompts, training on long completions); decode steps and
+# short sequences keep the direct path, which is faster there.
+ATTENTION_BLOCK = 512
+
+
+def _blockwise(queries: int, keys: int) -> bool:
+  return queries * keys > ATTENTION_BLOCK * ATTENTION_BLOCK
+
 _ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu,
                 "gelu": lambda x: jax.nn.gelu(x, approximate=False),
                 "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -79,8 +90,11 @@ def inverse_frequencies(rotary_dim: int, theta: float):
   return 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
 
 
-def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
+def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, *, blockwise: bool | None = None):
   """Softmax attention with grouped kv heads; logits and softmax in fp32.
+
+  `blockwise`: walk the keys in blocks (`blockwise_attention`) instead of forming each head's
+  (T × S) scores; None decides by size (see ATTENTION_BLOCK).
 
   Keys and values come kv-head-major, (B, K, S, H), the KV cache's layout: both products then
   read them in place, where (B, S, K, H) made XLA copy the whole cache every decode step.
@@ -89,6 +103,10 @@ def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
   """
   B, T, N, H = q_BTNH.shape
   K = k_BKSH.shape[1]
+  if blockwise if blockwise is not None else _blockwise(T, k_BKSH.shape[2]):
+    out_BTNH, _ = blockwise_attention.attention_with_lse(q_BTNH, k_BKSH, v_BKSH, mask_BTS,
+                                                         ATTENTION_BLOCK)
+    return out_BTNH.astype(v_BKSH.dtype)
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
   logits_BKGTS = jnp.einsum("btkgh,bksh->bkgts", q_BTKGH, k_BKSH,
                             preferred_element_type=jnp.float32) * (H ** -0.5)
@@ -112,6 +130,16 @@ def attend_after_prefix(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix_k_PKRH, prefix_
   B, T, N, H = q_BTNH.shape
   P, K, R, _ = prefix_k_PKRH.shape
   C, G = B // P, N // K
+  if _blockwise(T, R + k_BKSH.shape[2]):
+    own = blockwise_attention.attention_with_lse(q_BTNH, k_BKSH, v_BKSH, mask_BTS,
+                                                 ATTENTION_BLOCK)
+    # The C rows that share a prefix row query it together, as one row of C·T queries.
+    shared_out, shared_lse = blockwise_attention.attention_with_lse(
+        q_BTNH.reshape(P, C * T, N, H), prefix_k_PKRH, prefix_v_PKRH, prefix_mask_PR[:, None],
+        ATTENTION_BLOCK)
+    out_BTNH, _ = blockwise_attention.merge(*own, shared_out.reshape(B, T, N, H),
+                                            shared_lse.reshape(B, T, N))
+    return out_BTNH.astype(v_BKSH.dtype)
   lowest = jnp.finfo(jnp.float32).min
   q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
   own_BKGTS = jnp.einsum("btkgh,bksh->bkgts", q_BTKGH, k_BKSH,

@@ -56,7 +56,8 @@ def window_attention(q_SNH, k_SNH, v_SNH, segments_S, block: int):
   seg_JK = neighbours(seg_JQ, -2, axis=1)  # -2: no patch's segment
   visible_JQK = seg_JQ[:, :, None] == seg_JK[:, None, :]
   out_JQNH = layers.attend(q_JQNH, neighbours(_heads_major(k_JQNH), 0, axis=2),
-                           neighbours(_heads_major(v_JQNH), 0, axis=2), visible_JQK)
+                           neighbours(_heads_major(v_JQNH), 0, axis=2), visible_JQK,
+                           blockwise=False)
   return out_JQNH.reshape(J * block, N, H)[:S]
 
 
@@ -67,7 +68,7 @@ def frame_attention(q_SNH, k_SNH, v_SNH, segments_S, chunk: int):
   k_1NSH, v_1NSH = _heads_major(k_SNH[None]), _heads_major(v_SNH[None])
   if S <= chunk:
     visible_1SS = (segments_S[:, None] == segments_S[None, :])[None]
-    return layers.attend(q_SNH[None], k_1NSH, v_1NSH, visible_1SS)[0]
+    return layers.attend(q_SNH[None], k_1NSH, v_1NSH, visible_1SS, blockwise=False)[0]
   pad = -S % chunk
   J = (S + pad) // chunk
   q_JQNH = _pad_rows(q_SNH, pad).reshape(J, chunk, N, H)
@@ -77,7 +78,8 @@ def frame_attention(q_SNH, k_SNH, v_SNH, segments_S, chunk: int):
   def one_chunk(args):
     q_QNH, seg_Q = args
     visible_1QS = (seg_Q[:, None] == segments_S[None, :])[None]
-    return layers.attend(q_QNH[None], k_1NSH, v_1NSH, visible_1QS)[0]
+    # Already chunked and bounded by chunk × S: the direct path is the faster one here.
+    return layers.attend(q_QNH[None], k_1NSH, v_1NSH, visible_1QS, blockwise=False)[0]
 
   out_JQNH = jax.lax.map(one_chunk, (q_JQNH, seg_JQ))
   return out_JQNH.reshape(J * chunk, N, H)[:S]

@@ -7,7 +7,7 @@ reports the per-chip peak against HBM, the gradient micro-batch's temporaries, t
 compile time and the whole plan's. Compiling is slow on 2 busy cores: 7B takes tens of minutes.
 
     python bench/plan.py
-    python bench/plan.py --runs=7b@v5p-8 --programs=grpo_grads   # the gradient alone
+    python bench/plan.py --runs=7b@v5p-8 --only=grpo_grads       # the gradient alone
     python bench/plan.py --runs=small@v5e-4                       # a quick check
 """
 
@@ -27,7 +27,7 @@ from absl import app, flags, logging  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 flags.DEFINE_list("runs", ["7b@v5p-8", "32b@v5p-32", "72b@v5p-64"], "size@topology, one plan each.")
-flags.DEFINE_list("programs", [], "Compile only these programs (and what they need).")
+flags.DEFINE_list("only", [], "Compile only these programs (and what they need).")
 flags.DEFINE_integer("image_pixels", 0, "plan.image_pixels of every run (0: image.max_pixels).")
 
 
@@ -77,10 +77,11 @@ def main(argv):
     size, _, topology = run.partition("@")
     if not topology:
       raise app.UsageError(f"--runs entries look like 7b@v5p-8, got {run!r}.")
+    plan_lib.use_cpu_devices(topology)
     config = run_config(size)
     config.plan.image_pixels = FLAGS.image_pixels
     logging.info("Planning %s on %s ...", size, topology)
-    plan = plan_lib.make_plan(config, plan_lib.resolve_target(topology), only=FLAGS.programs)
+    plan = plan_lib.make_plan(config, plan_lib.resolve_target(topology), only=FLAGS.only)
     logging.info("\n%s", plan_lib.markdown(plan))
     results.append(headline(size, plan))
   line = dict(bench="plan", runs=results, wall_s=round(time.perf_counter() - start, 1),

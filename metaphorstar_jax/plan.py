@@ -298,7 +298,14 @@ class _Layout:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated, weak_type=weak_type)
 
 
-def _compile(program: Program) -> None:
+def _from_message(pattern: str, message: str) -> float | None:
+  """Bytes from a compiler message such as '... HLO temporaries (342.61G) ...'."""
+  found = re.search(pattern + r"\(?([\d.]+)([KMGT]?)\)?", message)
+  scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+  return float(found.group(1)) * scale[found.group(2)] if found else None
+
+
+def _compile(program: Program, device) -> None:
   """Lowers and compiles `program`, recording memory, cost and compile time."""
   start = time.perf_counter()
   lowered = program.fn.lower(*program.args, **program.kwargs)
@@ -306,16 +313,22 @@ def _compile(program: Program) -> None:
     compiled = lowered.compile()
   except Exception as e:  # the compiler refuses programs that overflow the chip's memory
     message = str(e)
-    used = re.search(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", message)
-    if "RESOURCE_EXHAUSTED" not in message and used is None:
+    if "RESOURCE_EXHAUSTED" not in message:
       raise
-    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     program.result = dict(error=message.strip().splitlines()[0][:500], compile_seconds=round(
-        time.perf_counter() - start, 1),
-        program_bytes=(float(used.group(1)) * scale[used.group(2)]) if used else None)
+        time.perf_counter() - start, 1))
     # Later programs take these outputs as inputs: lay them out as the trainer constrains them.
     if program.assumed_outputs is not None:
       program.outputs = program.assumed_outputs(lowered.out_info)
+    # The sizes the compiler names in its refusal, and the exact arguments and outputs.
+    temporaries = _from_message(r"HLO temporaries ", message)
+    used = _from_message(r"Used ", message)
+    if temporaries is not None and program.outputs is not None:
+      program.result.update(arguments=bytes_on(program.args, device),
+                            outputs=bytes_on(program.outputs, device), aliased=0,
+                            temporaries=int(temporaries))
+    elif used is not None:
+      program.result["program_bytes"] = used
     return
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
@@ -503,7 +516,7 @@ def make_plan(config, target: Target, only: Sequence[str] = (),
         else:
           program.args = program.args()
       logging.info("Compiling %s (%s) for %s ...", program.name, stage.name, target.compiled_for)
-      _compile(program)
+      _compile(program, device)
       if program.name.endswith("_grads"):
         state["accumulator"] = program.outputs[0]
       if program.name == "prefill":
@@ -526,7 +539,7 @@ def _peak(program: Program, sizes: dict) -> float | None:
   resident = sum(sizes.get(k, 0) for k in ("params", "opt_state", "reference"))
   outside = resident - sum(sizes.get(k, 0) for k in program.resident_args if k != "accumulator")
   outside += sum(sizes.get(k, 0) for k in program.extra_resident)
-  if "error" in r:
+  if "temporaries" not in r:
     return (outside + r["program_bytes"]) if r.get("program_bytes") else None
   return outside + r["arguments"] + r["outputs"] - r["aliased"] + r["temporaries"]
 
@@ -622,15 +635,16 @@ def suggestions(plan: dict) -> list[str]:
     fixed = worst["peak"] - shrinking
     accum = settings["grad_accum_steps"]
     prompts = settings["prompts_per_step"] // settings["num_minibatches"]
-    for k in (2, 4, 8, 16, 32):
-      if prompts % (accum * k) == 0 and fixed + shrinking / k <= limit:
-        out.append(f"--config.train.grad_accum_steps={accum * k}: about "
-                   f"{_gib(fixed + shrinking / k)} per chip (activations scale with the "
-                   "micro-batch)")
-        break
+    most = max(1, prompts // accum)  # one prompt per micro-batch at the most
+    k = next((k for k in range(2, most + 1)
+              if most % k == 0 and fixed + shrinking / k <= limit), None)
+    if k:
+      out.append(f"--config.train.grad_accum_steps={accum * k}: about "
+                 f"{_gib(fixed + shrinking / k)} per chip (activations scale with the "
+                 "micro-batch)")
     else:
-      out.append(f"more micro-batches alone cannot fit it: {_gib(fixed)} per chip does not "
-                 "shrink with the micro-batch")
+      out.append(f"even one prompt per micro-batch (--config.train.grad_accum_steps={prompts}) "
+                 f"leaves about {_gib(fixed + shrinking / most)} per chip")
     if not settings["remat"]:
       out.append("--config.model.remat=True: keeps one activation per block for the backward "
                  "pass")
@@ -690,9 +704,11 @@ def markdown(plan: dict) -> str:
   for r in plan["programs"]:
     shapes = " ".join(f"{k}={v}" for k, v in r["shapes"].items())
     if r.get("error"):
-      lines.append(f"| {r['name']} | {r['stage']} | {shapes} | {r['runs_per_step']} | "
-                   f"did not compile: {r['error'][:120]} | | | {_gib(r.get('peak'))} | | | "
-                   f"{r.get('compile_seconds', '')} | |")
+      sizes = (f"{_gib(r['arguments'])} | {_gib(r['outputs'])} | {_gib(r['temporaries'])} "
+               "(from the compiler's refusal)" if "temporaries" in r else " | | ")
+      lines.append(f"| {r['name']} | {r['stage']} | {shapes} | {r['runs_per_step']} | {sizes} | "
+                   f"{_gib(r.get('peak'))} | did not compile | | {r.get('compile_seconds', '')} "
+                   "| |")
       continue
     lines.append(
         f"| {r['name']} | {r['stage']} | {shapes} | {r['runs_per_step']} | "
@@ -752,14 +768,20 @@ _PROGRAMS = flags.DEFINE_list("programs", [], "Compile only these (e.g. grpo_gra
 _OUT = flags.DEFINE_string("out", "", "JSON path; default <workdir>/plan-<topology>.json.")
 
 
+def use_cpu_devices(topology: str) -> None:
+  """For a `cpu:N` topology, asks JAX for N CPU devices (before its backend starts) unless
+  XLA_FLAGS already sets a count."""
+  if topology.startswith("cpu:") and "host_platform_device_count" not in os.environ.get(
+      "XLA_FLAGS", ""):
+    jax.config.update("jax_num_cpu_devices", int(topology.split(":")[1]))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config  # train's --config flag
   topology = _TOPOLOGY.value
-  if topology.startswith("cpu:") and "host_platform_device_count" not in os.environ.get(
-      "XLA_FLAGS", ""):
-    jax.config.update("jax_num_cpu_devices", int(topology.split(":")[1]))
+  use_cpu_devices(topology)
   if topology:
     target = resolve_target(topology)
   else:

@@ -2,7 +2,11 @@
 cannot fit (from the plan and from train), and the plan's exact resident sizes against what a
 real run allocates on 8 CPU devices."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -78,12 +82,13 @@ def test_small_plan_on_v5e_4_has_every_field():
 
 
 def oversized_config():
-  """The tiny model with 8,192 rows of 4,096 completion tokens per micro-batch: its fp32 logits
-  alone are 32 GiB per device on 8 devices."""
+  """The tiny model with 8,192 rows of 4,096 completion tokens per micro-batch and unchunked
+  logits: those alone are 32 GiB of fp32 per device on 8 devices."""
   config = planned_config("tiny")
   config.train.prompts_per_step = 2048
   config.rl.group_size = 16
   config.rl.max_new_tokens = 4096
+  config.train.logit_chunk = 0
   return config
 
 
@@ -95,9 +100,23 @@ def test_oversized_step_is_refused_with_the_numbers():
   assert grads["temporaries"] > 32 * 2**30
   message = plan_lib.refusal(plan)
   assert f"grpo_grads (grpo) needs {grads['peak'] / 2**30:.2f} GiB per chip" in message
-  assert "--config.train.grad_accum_steps=" in message or "cannot fit" in message
+  assert "--config.train.grad_accum_steps=" in message
+  assert "--config.model.remat=True" in message
   assert "--config.train.logit_chunk=256" in message
   assert "bf16 reference copy" in message
+
+
+def test_a_program_the_tpu_compiler_refuses_is_reported_with_its_sizes():
+  config = planned_config("tiny")
+  config.plan.images_per_prompt = 0
+  config.data.max_prompt_tokens = 16384
+  config.train.prompts_per_step = 4096
+  plan = plan_lib.make_plan(config, plan_lib.resolve_target("v5e-4"), only=("prefill",))
+  prefill, = plan["programs"]
+  assert "RESOURCE_EXHAUSTED" in prefill["error"] and not plan["fits"]
+  assert prefill["temporaries"] > 16 * 2**30 and prefill["arguments"] > 0
+  assert prefill["peak"] == plan["peak_per_chip"] > prefill["temporaries"]
+  assert "prefill (grpo) needs" in plan_lib.refusal(plan)
 
 
 def test_train_refuses_before_loading_weights(monkeypatch, tmp_path):
@@ -121,6 +140,7 @@ def bytes_on_device(tree, device) -> int:
              if shard.device == device)
 
 
+@pytest.mark.slow
 def test_exact_parts_equal_a_real_run_on_8_cpu_devices():
   config = planned_config("tiny", fsdp=4, tensor=2)
   plan = plan_lib.make_plan(config, plan_lib.resolve_target("cpu:8"), only=("prefill",))
@@ -155,3 +175,20 @@ def test_exact_parts_equal_a_real_run_on_8_cpu_devices():
   whole = sum(x.nbytes for x in jax.tree.leaves(params))
   assert state["params"] < whole / 2
   assert math.prod(mesh.devices.shape) == 8
+
+
+@pytest.mark.slow
+def test_bench_prints_one_json_line_of_headline_figures():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the benchmark asks for its own cpu:8 devices
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "bench/plan.py", "--runs=tiny@cpu:8",
+                           "--only=grpo_grads"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1, lines
+  run, = json.loads(lines[0])["runs"]
+  assert run["model"] == "tiny" and run["chips"] == 8 and run["partial"] == ["grpo_grads"]
+  assert run["grad_temporaries_gib"] >= 0 and run["grad_compile_s"] > 0
+  assert run["peak_gib_per_chip"] > 0 and run["peak_program"] == "grpo_grads (grpo)"

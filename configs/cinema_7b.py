@@ -109,6 +109,11 @@ def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
   config.eval.num_examples = 512  # [GAP]
   config.eval.batch_size = 16
   config.eval.greedy = True  # [GAP]
+  # [GAP] the paper gives no sampled-evaluation settings; --sampling=validation draws at the
+  # rollout's temperature and top-p, one sample per record unless --num_samples says more.
+  config.eval.temperature = config.rl.temperature
+  config.eval.top_p = config.rl.top_p
+  config.eval.num_samples = 1
   config.eval.max_new_tokens = 4096  # [GAP] as rl.max_new_tokens
   config.checkpoint.every = 50  # [GAP]
 

@@ -76,6 +76,11 @@ def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
   config.eval.num_examples = 2048  # all: ≈1.01k benchmark rows × (short, long) questions (§2.1)
   config.eval.batch_size = 8
   config.eval.greedy = True  # [GAP] the ReasonMap protocol's decoding is not stated
+  # [GAP] the paper gives no sampled-evaluation settings; --sampling=validation draws at the
+  # rollout's temperature and top-p, one sample per record unless --num_samples says more.
+  config.eval.temperature = config.rl.temperature
+  config.eval.top_p = config.rl.top_p
+  config.eval.num_samples = 1
   config.eval.max_new_tokens = 2048  # §2.6
   config.checkpoint.every = 100  # §2.3: save_freq
 

@@ -75,10 +75,16 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.stages = [stage("grpo", kind="grpo", steps=100, learning_rate=1e-6)]
 
-  config.eval = ml_collections.ConfigDict(dict(every=0, num_examples=64, greedy=True,
-                                               batch_size=32))
+  # Evaluation, periodic and by the evaluate CLI alike (evaluate.sampling_config): greedy, or
+  # sampled at `temperature` / `top_p` (-1: the RL preset's validation values); `max_new_tokens`
+  # (-1: rl.max_new_tokens); `num_samples` completions per record, metrics averaged over them.
+  config.eval = ml_collections.ConfigDict(dict(
+      every=0, num_examples=64, batch_size=32, greedy=True, temperature=-1.0, top_p=-1.0,
+      max_new_tokens=-1, num_samples=1))
+  # resume: continue from the workdir's latest checkpoint. A fresh run (resume=False) refuses a
+  # workdir that holds checkpoints unless `overwrite` clears them and the old metrics first.
   config.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=3, async_save=True,
-                                                     resume=True))
+                                                     resume=True, overwrite=False))
   # HF checkpoints written as the run trains, to workdir/hf/step_N: every `every` steps of each
   # stage and at its last step (0: never), and after the last stage (`at_end`). dtype on disk:
   # '' keeps the parameter dtype, or 'bfloat16' / 'float16' / 'float32'.

@@ -110,12 +110,12 @@ def sampling_config(config, mode: str | None = None) -> SamplingConfig:
   mode = mode or ("greedy" if config.eval.greedy else "validation")
   if mode not in SAMPLING_MODES:
     raise ValueError(f"Sampling mode {mode!r} is not one of {SAMPLING_MODES}.")
-  max_new_tokens = int(config.eval.get("max_new_tokens", -1))
+  max_new_tokens = int(config.eval.max_new_tokens)
   if max_new_tokens <= 0:
     max_new_tokens = int(config.rl.max_new_tokens)
   rollout = rl.preset(config.rl.preset).rollout
-  temperature = float(config.eval.get("temperature", -1.0))
-  top_p = float(config.eval.get("top_p", -1.0))
+  temperature = float(config.eval.temperature)
+  top_p = float(config.eval.top_p)
   temperature = rollout.val_temperature if temperature < 0 else temperature
   top_p = rollout.val_top_p if top_p < 0 else top_p
   if mode == "greedy" or temperature == 0:
@@ -192,8 +192,12 @@ def check_repeats(num_samples: int, sampling: SamplingConfig) -> None:
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
   if num_samples > 1 and sampling.greedy:
-    raise ValueError(f"num_samples={num_samples} with greedy decoding gives {num_samples} "
-                     "identical runs; sample instead (--sampling=validation).")
+    raise ValueError(
+        f"num_samples={num_samples} with greedy decoding gives {num_samples} identical runs. "
+        "Decoding is greedy with --sampling=greedy, with config.eval.greedy=True and no "
+        "--sampling, and also with --sampling=validation when config.eval.temperature resolves "
+        "to 0 (at -1 it takes the RL preset's validation temperature, 0 for grpo and dapo): "
+        "sample with --sampling=validation and --config.eval.temperature=T > 0.")
 
 
 def evaluate_records(task: Task, records: Sequence[Record], processor, sampler: Sampler,
@@ -270,7 +274,7 @@ def run_evaluation(config: ml_collections.ConfigDict, params=None, *,
   if hf_path:
     config.model.hf_path = hf_path
   if num_samples is None:
-    num_samples = int(config.eval.get("num_samples", 1))
+    num_samples = int(config.eval.num_samples)
   progress = config.log.progress_bar if progress is None else progress
 
   model_label = ("given params" if sampler is not None else

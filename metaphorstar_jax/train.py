@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import time
 from typing import Any
@@ -27,9 +28,10 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from metaphorstar_jax import config_files, data, rl
+from metaphorstar_jax import config_files, data, evaluate as evaluate_lib, rl
 from metaphorstar_jax import export as export_lib
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.pipeline import PromptStream, collate
@@ -199,21 +201,6 @@ def reward_components(scores: list[dict]) -> dict:
   return {f"reward/{name}": float(np.mean([s.get(name, 0.0) for s in scores])) for name in names}
 
 
-def evaluate(task, records, processor, sampler: Sampler, params, batch_size: int) -> dict:
-  """Greedy (or configured) completions for `records`, scored by the task's metrics."""
-  texts = []
-  for start in range(0, len(records), batch_size):
-    chunk = records[start:start + batch_size]
-    batch = processor([task.build_conversation(r) for r in chunk])
-    rollouts = sampler(batch, group_size=1, key=jax.random.key(start), state=params)
-    texts += completion_texts(processor, sampler, rollouts.tokens_BN, rollouts.lengths_B)
-  results = dict(task.evaluate(texts, records))
-  scores = [task.score(t, r) for t, r in zip(texts, records)]
-  for name in sorted({k for s in scores for k in s}):
-    results[f"score/{name}"] = float(np.mean([s.get(name, 0.0) for s in scores]))
-  return results
-
-
 # --- updates ------------------------------------------------------------------------------------
 
 def prompt_subsets(num_prompts: int, parts: int, rng: np.random.Generator | None = None):
@@ -265,6 +252,25 @@ def micro_batches(examples, prepared, rows: dict[str, np.ndarray], prompts_group
 def mean_metrics(collected: list[dict]) -> dict:
   keys = {k for m in collected for k in m}
   return {k: float(np.mean([float(m[k]) for m in collected if k in m])) for k in keys}
+
+
+# Micro-batch metrics already normalised by the whole mini-batch (their sum is the mini-batch's
+# value) or counts; the rest are per-micro-batch means, extremes take their extreme.
+SUMMED_OVER_MICRO_BATCHES = ("loss", "pg_loss", "kl_loss", "entropy_loss", "sft_loss",
+                             "num_tokens")
+EXTREMES_OVER_MICRO_BATCHES = {"ratio_max": max, "ratio_min": min}
+
+
+def minibatch_metrics(micro: list[dict]) -> dict:
+  """One mini-batch's metrics from those of its micro-batches."""
+  combined = mean_metrics(micro)
+  for key in combined:
+    values = [float(m[key]) for m in micro if key in m]
+    if key in SUMMED_OVER_MICRO_BATCHES:
+      combined[key] = float(sum(values))
+    elif key in EXTREMES_OVER_MICRO_BATCHES:
+      combined[key] = float(EXTREMES_OVER_MICRO_BATCHES[key](values))
+  return combined
 
 
 @dataclasses.dataclass
@@ -519,13 +525,14 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
       selected = rows_of(minibatch, G)
       token_count = float(max(1.0, rows["loss_mask"][selected].sum()))
       seq_count = float(len(selected))
-      grads = None
+      grads, micro_metrics = None, []
       for seq, row_arrays in micro_batches(examples, prepared, rows, micro, G, sampler, mesh):
         g, m = steps.grpo_grads(run.params, seq, row_arrays["advantages"], row_arrays["old"],
                                 row_arrays["ref"], row_arrays["sampler_logprobs"],
                                 row_arrays["loss_mask"], token_count, seq_count)
         grads = g if grads is None else steps.accumulate(grads, g)
-        update_metrics.append(m)
+        micro_metrics.append(m)
+      update_metrics.append(minibatch_metrics(micro_metrics))
       run.params, run.opt_state, apply_metrics = steps.apply(run.params, run.opt_state, grads)
   t_total = time.perf_counter() - t0
   new_tokens = int(generated.sum())
@@ -536,6 +543,10 @@ def grpo_step(run: RunState, steps: step_lib.TrainSteps, objective: Objective, b
     sampling_metrics["tree/branch_reward_mean"] = float(by_group[:, ~is_root_G].mean())
   return {
       "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+      # What the advantages saw: the task reward after the overlong penalty (and in-reward KL,
+      # reported as reward/penalised_mean).
+      "reward/shaped_mean": float(groups.shaped.mean()),
+      "reward/overlong_penalty_mean": float((groups.rewards - groups.shaped).mean()),
       **reward_metrics, **kl_metrics, **sampling_metrics,
       "accuracy": reward_metrics.get("reward/accuracy", float("nan")),
       "response_length/mean": float(lengths.mean()), "response_length/max": int(lengths.max()),
@@ -594,20 +605,24 @@ def sft_step(run: RunState, steps: step_lib.TrainSteps, batch, processor, sample
     grads = g if grads is None else steps.accumulate(grads, g)
     collected.append(m)
   run.params, run.opt_state, apply_metrics = steps.apply(run.params, run.opt_state, grads)
-  out = mean_metrics(collected)
-  out["sft_loss"] = float(sum(float(m["sft_loss"]) for m in collected))
+  out = minibatch_metrics(collected)
   return {**out, **{k: float(v) for k, v in apply_metrics.items()},
           "step_seconds": time.perf_counter() - t0}
 
 
 # --- the run ------------------------------------------------------------------------------------
 
+def frozen_patterns(config) -> tuple[str, ...]:
+  """Regexes of the parameter paths no update may change."""
+  return (r"^visual/",) if config.model.freeze_vision else ()
+
+
 def stage_optimizer(config, stage, params):
   optim = ml_collections.ConfigDict(config.optim.to_dict())
   optim.learning_rate = stage.learning_rate
   optim.warmup_steps = stage.get("warmup_steps", 0)
   optim.total_steps = stage.steps
-  optim.frozen = (r"^visual/",) if config.model.freeze_vision else ()
+  optim.frozen = frozen_patterns(config)
   return optimizer.make_optimizer(optim, params)
 
 
@@ -625,10 +640,44 @@ def restore_into(run: RunState, restored: dict) -> None:
     nnx.replace_by_pure_dict(run.ref_params, restored["ref_params"])
 
 
+# What a run writes into its workdir that a fresh run in that folder must not mix with.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "curves.png")
+
+
+def prepare_fresh_workdir(config) -> None:
+  """For a fresh run (checkpoint.resume=False): refuses a workdir holding another run's
+  checkpoints, unless checkpoint.overwrite clears that run's outputs first. Orbax would otherwise
+  decline every save at or below the old run's latest step, and a crash would resume the old
+  run's weights."""
+  if config.checkpoint.resume:
+    return
+  workdir = config.workdir
+  found = checkpoints.saved_steps(os.path.join(workdir, "checkpoints"))
+  if not found:
+    return
+  if not config.checkpoint.overwrite:
+    raise ValueError(
+        f"{workdir} holds checkpoints of another run (steps {found}), and checkpoint.resume is "
+        "False. Use another workdir, resume this run (--config.checkpoint.resume=True), or "
+        "delete its outputs with --config.checkpoint.overwrite=True.")
+  if jax.process_index() == 0:
+    logging.warning("checkpoint.overwrite: deleting %s of the earlier run in %s.",
+                    ", ".join(RUN_OUTPUTS), workdir)
+    for name in RUN_OUTPUTS:
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+  if jax.process_count() > 1:  # no host may start writing before the old outputs are gone
+    multihost_utils.sync_global_devices("metaphorstar_jax: fresh workdir")
+
+
 def train(config: ml_collections.ConfigDict) -> dict:
   """Runs every stage of `config`; returns the final metrics and evaluation results."""
   workdir = config.workdir
   os.makedirs(workdir, exist_ok=True)
+  prepare_fresh_workdir(config)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -644,8 +693,9 @@ def train(config: ml_collections.ConfigDict) -> dict:
   logging.info("Task %s: %d training and %d evaluation records.", task.name, len(train_records),
                len(eval_records))
   graphdef, params = nnx.split(model)
-  eval_sampler = Sampler(model, SamplingConfig(max_new_tokens=objective.max_new_tokens,
-                                               greedy=config.eval.greedy), mesh=mesh)
+  # Periodic evaluation is the evaluation CLI's: its sampling settings, repeats and scoring.
+  eval_sampler = Sampler(model, evaluate_lib.sampling_config(config), mesh=mesh)
+  evaluate_lib.check_repeats(config.eval.num_samples, eval_sampler.config)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   max_to_keep=config.checkpoint.keep,
                                   async_save=config.checkpoint.async_save)
@@ -661,8 +711,10 @@ def train(config: ml_collections.ConfigDict) -> dict:
   results: dict[str, Any] = {"evaluations": [], "exports": []}
 
   def run_eval(tag: str) -> dict:
-    found = evaluate(task, eval_records, processor, eval_sampler, run.params,
-                     config.eval.batch_size)
+    found = evaluate_lib.evaluate_records(
+        task, eval_records, processor, eval_sampler, run.params,
+        batch_size=config.eval.batch_size, num_samples=config.eval.num_samples,
+        seed=config.seed)["metrics"]
     logging.info("Evaluation (%s, step %d): %s", tag, run.global_step,
                  json.dumps({k: round(v, 4) for k, v in found.items()}))
     writer.write(run.global_step, {f"eval/{k}": v for k, v in found.items()})
@@ -689,7 +741,8 @@ def train(config: ml_collections.ConfigDict) -> dict:
     run.stage_index, run.stage_step = stage_index, 0
     tx = stage_optimizer(config, stage, run.params)
     steps = step_lib.TrainSteps(graphdef, tx, objective.loss, temperature=objective.temperature,
-                                logit_chunk=config.train.logit_chunk)
+                                logit_chunk=config.train.logit_chunk,
+                                frozen=frozen_patterns(config))
     run.opt_state = step_lib.init_optimizer_state(tx, run.params)
     if stage.kind == "grpo" and (objective.loss.use_kl_loss or objective.loss.use_kl_in_reward):
       # A frozen copy of the stage's start, placed exactly like the policy so that the log-prob

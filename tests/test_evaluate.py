@@ -170,3 +170,21 @@ def test_osq_is_graded_by_the_judge_and_resumes_from_its_cache(tmp_path, monkeyp
                                           judge)
     assert len(server.requests) == 3 * n and judge.stats["cache_hits"] == 3 * n
     assert again["judge/score"] == metrics["judge/score"]
+
+
+@pytest.mark.parametrize("name", ["tfq_grpo_tiny.py", "rewardmap_7b.py", "star_r1_7b.py",
+                                  "cinema_7b.py", "tfq_grpo_7b.py"])
+def test_validation_sampling_samples_and_its_settings_are_overridable(name):
+  config = train_config(name, smoke=False)
+  sampling = evaluate.sampling_config(config, "validation")
+  assert not sampling.greedy and sampling.temperature > 0
+  config.eval.temperature = 0.7  # a declared field: the command-line override works
+  assert evaluate.sampling_config(config, "validation").temperature == 0.7
+
+
+def test_repeats_of_greedy_decoding_are_refused_naming_the_cause():
+  config = train_config("rewardmap_7b.py", smoke=False)
+  config.eval.temperature = 0.0
+  sampling = evaluate.sampling_config(config, "validation")
+  with pytest.raises(ValueError, match="eval.temperature resolves to 0"):
+    evaluate.check_repeats(3, sampling)

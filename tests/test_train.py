@@ -16,7 +16,7 @@ from flax import nnx
 from metaphorstar_jax import rl, sharding
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
-from metaphorstar_jax.training import checkpoints, optimizer, step as step_lib
+from metaphorstar_jax.training import checkpoints, metrics as metrics_lib, optimizer, step as step_lib
 from metaphorstar_jax.training.policy import SequenceBatch
 from test_qwen2_5_vl_model import tiny_batch
 
@@ -122,6 +122,17 @@ def test_scaled_down_default_trains_and_checkpoint_restores(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert ckpt.restore_meta(4)["stage"] == "grpo"
   ckpt.close()
+
+  # A fresh run in this used workdir is refused before anything loads; overwrite clears it.
+  config.checkpoint.resume = False
+  with pytest.raises(ValueError, match=r"holds checkpoints of another run \(steps \[.*4\]\)"):
+    train.train(config)
+  config.checkpoint.overwrite = True
+  config.stages[0].steps = config.stages[1].steps = 1
+  train.train(config)
+  assert checkpoints.saved_steps(os.path.join(config.workdir, "checkpoints")) == [1, 2]
+  rows = metrics_lib.read_history(os.path.join(config.workdir, "metrics.jsonl"))
+  assert sorted({row["step"] for row in rows}) == [1, 2]  # nothing of the old run's 4 steps
 
 
 def grpo_inputs(model, group=4):
@@ -351,3 +362,49 @@ def test_checkpointer_takes_a_relative_directory(tmp_path, monkeypatch):
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
   assert data_state == {"position": 3} and meta["stage"] == "grpo"
   assert os.path.isdir(tmp_path / "runs" / "x" / "checkpoints" / "1")
+
+
+def test_loss_metrics_of_micro_batches_add_up_to_the_mini_batch():
+  """Each micro-batch's loss is normalised by the whole mini-batch, so its share must be summed:
+  averaging made loss, pg_loss and kl_loss read grad_accum_steps times too low."""
+  from metaphorstar_jax import train
+  model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=7)
+  seq, advantages, sampler_logprobs = grpo_inputs(model, group=2)  # 2 prompts, 4 rows
+  steps, params, _ = make_steps(model)
+  mask = np.asarray(seq.completion_mask_BN)
+  ref = sampler_logprobs - 0.05 * mask
+  tokens, rows = float(mask.sum()), float(mask.shape[0])
+
+  def grads_of(prompt, row_slice):
+    part = SequenceBatch(seq.prompt_ids_PT[prompt], seq.prompt_mask_PT[prompt],
+                         seq.pixel_values_SP, seq.image_grid_thw_N3,
+                         seq.completion_BN[row_slice], seq.completion_mask_BN[row_slice])
+    return steps.grpo_grads(params, part, advantages[row_slice], None, ref[row_slice],
+                            sampler_logprobs[row_slice], mask[row_slice], tokens, rows)
+
+  _, whole = grads_of(slice(0, 2), slice(0, 4))
+  halves = [grads_of(slice(0, 1), slice(0, 2)), grads_of(slice(1, 2), slice(2, 4))]
+  combined = train.minibatch_metrics([m for _, m in halves])
+  for key in ("loss", "pg_loss", "kl_loss", "num_tokens"):
+    np.testing.assert_allclose(combined[key], float(whole[key]), rtol=1e-4, atol=1e-6,
+                               err_msg=key)
+  assert abs(combined["kl_loss"]) > 0
+  assert combined["ratio_max"] == max(float(m["ratio_max"]) for _, m in halves)
+
+
+def test_grad_norm_leaves_out_frozen_parameters():
+  model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=8)
+  graphdef, params = nnx.split(model)
+  config = _optim_config()
+  config.frozen = (r"^visual/",)
+  tx = optimizer.make_optimizer(config, params)
+  steps = step_lib.TrainSteps(graphdef, tx, rl.preset("metaphorstar").loss, temperature=1.0,
+                              frozen=config.frozen)
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt_state = step_lib.init_optimizer_state(tx, params)
+  _, _, applied = steps.apply(params, opt_state, grads)
+  trained = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(grads)
+             if not sharding.path_to_str(path).startswith("visual/")]
+  assert len(trained) < len(jax.tree.leaves(grads))
+  expected = float(np.sqrt(sum(float(np.sum(np.square(leaf))) for leaf in trained)))
+  np.testing.assert_allclose(float(applied["grad_norm"]), expected, rtol=1e-5)

@@ -39,11 +39,20 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, arrays: Any, data_state: dict, meta: dict) -> None:
-    """Saves a pytree of arrays, the data iterator's state and JSON metadata at `step`."""
-    self._manager.save(step, args=ocp.args.Composite(
+    """Saves a pytree of arrays, the data iterator's state and JSON metadata at `step`.
+
+    Raises when Orbax declines the save (it does for a step at or below the latest one already
+    in the folder), instead of the run going on without its checkpoint.
+    """
+    saved = self._manager.save(step, args=ocp.args.Composite(
         arrays=ocp.args.StandardSave(arrays),
         data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=str)))))
+    if not saved:
+      raise RuntimeError(
+          f"Orbax declined to save step {step} under {self.directory}, whose latest step is "
+          f"{self.latest_step()}: the folder holds a later or equal step of another run. Train "
+          "into a fresh workdir, resume this one, or clear it (checkpoint.overwrite=True).")
     logging.info("Checkpoint of step %d queued under %s.", step, self.directory)
 
   def restore(self, step: int, abstract_arrays: Any) -> tuple[Any, dict, dict]:

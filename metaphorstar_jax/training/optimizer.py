@@ -24,7 +24,7 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def _frozen_labels(params, frozen_patterns):
+def frozen_labels(params, frozen_patterns):
   """'frozen' for parameters whose path matches one of the regexes, else 'trained'."""
   import jax
   return jax.tree_util.tree_map_with_path(
@@ -55,5 +55,5 @@ def make_optimizer(cfg, params=None) -> optax.GradientTransformation:
     if params is None:
       raise ValueError("make_optimizer needs the parameters to freeze parts of them.")
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
-                               _frozen_labels(params, frozen))
+                               frozen_labels(params, frozen))
   return optax.apply_if_finite(tx, max_consecutive_errors=cfg.max_consecutive_nonfinite)

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from metaphorstar_jax import rl
+from metaphorstar_jax.training import optimizer
 from metaphorstar_jax.training.policy import SequenceBatch, completion_logprobs
 
 
@@ -37,8 +38,12 @@ class TrainSteps:
   """
 
   def __init__(self, graphdef, tx: optax.GradientTransformation, loss_config: rl.LossConfig, *,
-               temperature: float, logit_chunk: int = 0, completion_buckets: int = 8):
+               temperature: float, logit_chunk: int = 0, completion_buckets: int = 8,
+               frozen: tuple[str, ...] = ()):
+    """`frozen`: regexes of the parameter paths the optimizer freezes (optimizer.make_optimizer);
+    the reported grad_norm leaves them out, as the clipping does."""
     self.graphdef = graphdef
+    self.frozen = tuple(frozen)
     self.tx = tx
     self.loss_config = loss_config
     self.temperature = temperature
@@ -156,7 +161,12 @@ class TrainSteps:
 
   def _apply(self, params, opt_state, grads):
     """One optimizer update; a non-finite gradient leaves params and moments unchanged."""
-    grad_norm = optax.tree.norm(grads)
+    trained = grads
+    if self.frozen:
+      labels = optimizer.frozen_labels(grads, self.frozen)
+      trained = jax.tree.map(lambda g, label: g if label == "trained" else jnp.zeros_like(g),
+                             grads, labels)
+    grad_norm = optax.tree.norm(trained)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, {"grad_norm": grad_norm,

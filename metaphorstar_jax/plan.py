@@ -43,8 +43,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec

@@ -2,8 +2,9 @@
 
 Each record is turned into model inputs (chat template, image decoding and patching, tokens) in
 grain workers when asked; the main process collects `batch_size` good examples per batch. A record
-whose images will not decode, or that lacks a field, is skipped, counted and logged with its id;
-a prompt longer than the token budget is dropped whole (never truncated through an image).
+whose images will not decode, or that lacks a field, is skipped, counted by kind and logged with
+its id; a prompt longer than the token budget is dropped whole (never truncated through an image).
+A pass with no usable record at all is an error, not an endless loop.
 
 The iterator's state (its position in the shuffled stream and the skip counts) is small JSON that
 goes into every checkpoint, so a resumed run sees exactly the batches it would have seen.
@@ -19,6 +20,7 @@ from typing import Any
 import grain
 import numpy as np
 from absl import logging
+from PIL import Image
 
 from metaphorstar_jax.data.processor import ChatProcessor
 
@@ -36,7 +38,16 @@ class Example:
 @dataclasses.dataclass(frozen=True)
 class Skipped:
   record_id: str
+  kind: str  # what the skip counters count: a few fixed kinds, never per-record text
   reason: str
+
+
+# What a bad record raises while it is turned into model inputs: an image that will not decode
+# (PIL raises OSError subclasses) or is too large, a missing field, a value the processor
+# rejects. Anything else (a TypeError in a task's build_conversation, say) is a bug and stops the
+# run instead of being counted as a skip.
+RECORD_ERRORS = (OSError, ValueError, KeyError, Image.DecompressionBombError)
+TOO_LONG = "too_long"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +71,12 @@ class _Prepare:
     record_id = str(getattr(record, "id", "?"))
     try:
       arrays = self.processor([self.build_conversation(record)], padding_side="right")
-    except Exception as error:  # a bad record must never stop the run: count it, say why
-      return Skipped(record_id, f"{type(error).__name__}: {error}")
+    except RECORD_ERRORS as error:  # a bad record must never stop the run: count it, say why
+      return Skipped(record_id, type(error).__name__, f"{type(error).__name__}: {error}")
     length = int(arrays["attention_mask"].sum())
     if length > self.max_prompt_tokens:
-      return Skipped(record_id, f"prompt of {length} tokens exceeds max_prompt_tokens "
-                     f"{self.max_prompt_tokens}")
+      return Skipped(record_id, TOO_LONG, f"prompt of {length} tokens exceeds "
+                     f"max_prompt_tokens {self.max_prompt_tokens}")
     return Example(record, arrays["input_ids"][0, :length], arrays["pixel_values"],
                    arrays["image_grid_thw"])
 
@@ -107,13 +118,14 @@ class PromptStream:
     if num_workers > 0:
       dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     self._iterator = iter(dataset)
+    self.num_records = len(records)
     self.skipped = collections.Counter()
     self.consumed = 0
     self._exhausted = False
 
   def next_batch(self) -> Batch | None:
     """The next `batch_size` good examples; a smaller last batch, or None, when a pass ends."""
-    examples = []
+    examples, skipped_in_a_row = [], collections.Counter()
     while len(examples) < self.batch_size and not self._exhausted:
       try:
         item = next(self._iterator)
@@ -122,9 +134,18 @@ class PromptStream:
         break
       self.consumed += 1
       if isinstance(item, Skipped):
-        self.skipped[item.reason.split(":")[0]] += 1
+        self.skipped[item.kind] += 1
+        skipped_in_a_row[item.kind] += 1
         logging.warning("Skipping record %s: %s", item.record_id, item.reason)
+        # A usable record comes at least once in any 2N-1 draws of a repeated shuffled stream
+        # (once per pass of N); 2N skips in a row mean none is left, and repeating loops forever.
+        if sum(skipped_in_a_row.values()) >= 2 * self.num_records:
+          raise ValueError(
+              f"All {self.num_records} records are skipped ({dict(skipped_in_a_row)} in a row; "
+              f"the last: {item.reason}). Fix the data, or raise data.max_prompt_tokens if the "
+              f"prompts are '{TOO_LONG}'.")
         continue
+      skipped_in_a_row.clear()
       examples.append(item)
     if not examples:
       return None

@@ -42,6 +42,7 @@ from ml_collections import config_flags
 
 from metaphorstar_jax import config_files
 from metaphorstar_jax import judge as judge_lib
+from metaphorstar_jax import redaction
 from metaphorstar_jax import rl
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.models import qwen2_5_vl
@@ -346,12 +347,16 @@ def run_evaluation(config: ml_collections.ConfigDict, params=None, *,
       "repeats": found["repeats"],
       "seconds": round(time.perf_counter() - start, 2),
   }
+  # Results are shared; the judge's key (from the config or the environment) stays out of them.
+  secrets = redaction.secret_values(config) + ([judge.config.api_key] if judge else [])
+  result = redaction.redact(result, secrets)
+  completions = redaction.redact(found["completions"], secrets)
   result["markdown"] = markdown_report(result)
   if write:
-    result["paths"] = write_results(result, found["completions"], output_dir)
+    result["paths"] = write_results(result, completions, output_dir)
   logging.info("Evaluation of %s on %s: %s", model_label, task.name,
                json.dumps({k: round(v, 4) for k, v in result["metrics"].items()}))
-  result["completions"] = found["completions"]
+  result["completions"] = completions
   return result
 
 

@@ -11,7 +11,14 @@ latter from 1 to 5; each answer is judged several times and the grades averaged.
 Endpoint: `POST {base_url}/chat/completions` with the image as a base64 data URL in the OpenAI
 vision message format, so OpenAI, Azure-style proxies, vLLM and SGLang servers all work. When the
 config leaves them empty, URL, model and key come from METAPHORSTAR_JUDGE_URL, _MODEL and
-_API_KEY. The key is sent as a bearer token and never written to the cache or the logs.
+_API_KEY. The key is sent as a bearer token, only to the configured host, and never written to
+the cache, the logs or an error message (metaphorstar_jax/redaction.py scrubs it).
+
+Where the key may go: a redirect to another host (or from https to http) is refused with a
+JudgeError naming both, because urllib's own handler would copy the Authorization header to
+wherever the reply points. Redirects within the host are followed: 307 and 308 repeat the POST,
+301, 302 and 303 turn into a GET as HTTP says. Plain http:// to a host other than this machine
+logs a warning that the key travels unencrypted.
 
 Why only the standard library (urllib): a judge call is one JSON POST. The `openai` client would
 pull httpx, pydantic and their pins into every install (TPU images included) for that one call,
@@ -35,6 +42,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
 import random
@@ -42,18 +50,21 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import logging
 
+from metaphorstar_jax import redaction
 from metaphorstar_jax.rewards.tags import as_text, last_tag_content
 from metaphorstar_jax.tasks import io as task_io
 
 ENV_URL = "METAPHORSTAR_JUDGE_URL"
 ENV_MODEL = "METAPHORSTAR_JUDGE_MODEL"
 ENV_API_KEY = "METAPHORSTAR_JUDGE_API_KEY"
+AUTH_STATUS = (401, 403)  # the key is missing or wrong
 RETRYABLE_STATUS = (408, 429)  # besides every 5xx: timeouts and rate limits pass with time
 
 # Our own rubric. It grades what MetaphorStar's OSQ judge grades (spec §1.8): the visible content,
@@ -159,9 +170,19 @@ class JudgeConfig:
     if unknown:
       raise ValueError(f"Unknown judge setting(s) {unknown}; known ones are {sorted(names)}.")
     environ = os.environ if environ is None else environ
+    # A config read back from a run folder holds REDACTED where the key was: keys never go to
+    # disk, so it must come from the environment (or the flag) again.
+    redacted = values.get("api_key") == redaction.REDACTED
+    if redacted:
+      values["api_key"] = ""
     for name, variable in (("base_url", ENV_URL), ("model", ENV_MODEL), ("api_key", ENV_API_KEY)):
       if not values.get(name):
         values[name] = environ.get(variable, "")
+    if redacted and not values["api_key"]:
+      raise JudgeError(f"judge.api_key reads {redaction.REDACTED!r}: this config was read back "
+                       "from a run, and keys are never written there. Give the key again: set "
+                       f"the environment variable {ENV_API_KEY} (preferred), or pass "
+                       "--config.judge.api_key.")
     return cls(**values)
 
 
@@ -267,6 +288,63 @@ def _reply_content(body: Any) -> str | None:
   return content if isinstance(content, str) else None
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+  """(scheme, host, port) of `url`, the port filled in from the scheme when the URL has none."""
+  parts = urllib.parse.urlsplit(url)
+  scheme = parts.scheme.lower()
+  port = parts.port or {"http": 80, "https": 443}.get(scheme)
+  return scheme, (parts.hostname or "").lower(), port
+
+
+def _netloc(url: str) -> str:
+  """scheme://host[:port] of `url`, without any user:password@."""
+  parts = urllib.parse.urlsplit(url)
+  return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
+
+
+def is_loopback(host: str) -> bool:
+  """Whether `host` names this machine (localhost, 127.0.0.0/8, ::1)."""
+  if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
+      ".localhost"):
+    return True
+  try:
+    return ipaddress.ip_address(host.strip("[]")).is_loopback
+  except ValueError:
+    return False
+
+
+class SameHostRedirects(urllib.request.HTTPRedirectHandler):
+  """Follows redirects only within the configured host, so the Authorization header never
+  reaches another one.
+
+  Another host, another port, or https to http raises JudgeError naming both; http to https on
+  the same host (its default port) is followed. Within the host,
+  307 and 308 repeat the request with its body and headers (urllib's own handler refuses them for
+  a POST); 301, 302 and 303 are urllib's: a GET without the body.
+  """
+
+  def __init__(self, configured_url: str):
+    super().__init__()
+    self.configured_url = configured_url
+
+  def redirect_request(self, req, fp, code, msg, headers, newurl):
+    target = urllib.parse.urljoin(req.full_url, newurl)
+    here, there = _origin(self.configured_url), _origin(target)
+    upgrade = here[0] == "http" and there == ("https", here[1], 443)  # same host, encrypted
+    if there != here and not upgrade:
+      fp.close()
+      raise JudgeError(f"The judge at {_netloc(self.configured_url)} answered HTTP {code}, a "
+                       f"redirect to {_netloc(target)}: another host, port or scheme. Refusing "
+                       "to follow it, because the API key would go with it (or travel "
+                       "unencrypted). Set judge.base_url to the endpoint you mean to use.")
+    if code in (307, 308) and req.get_method() == "POST":
+      fp.close()
+      return urllib.request.Request(target, data=req.data, headers=dict(req.headers),
+                                    origin_req_host=req.origin_req_host, unverifiable=True,
+                                    method="POST")
+    return super().redirect_request(req, fp, code, msg, headers, target)
+
+
 class Judge:
   """Grades answers through the configured endpoint, with retries and an on-disk cache.
 
@@ -281,6 +359,13 @@ class Judge:
                        "if the endpoint needs a key).")
     self.config = config
     self.url = config.base_url.rstrip("/") + "/chat/completions"
+    self._opener = urllib.request.build_opener(SameHostRedirects(self.url))
+    self._secrets = redaction.secret_values() + [config.api_key]
+    scheme, host, _ = _origin(self.url)
+    if config.api_key and scheme == "http" and not is_loopback(host):
+      logging.warning("The judge at %s is plain http:// on another machine: the API key travels "
+                      "unencrypted. Use https:// unless the network is yours.",
+                      self._safe(_netloc(self.url)))
     self.stats = {"requests": 0, "retries": 0, "cache_hits": 0, "malformed": 0}
     self._lock = threading.Lock()
     self._abort = threading.Event()  # set by the first failed job; the queued ones then stop
@@ -320,6 +405,10 @@ class Judge:
 
   # --- HTTP -------------------------------------------------------------------------------------
 
+  def _safe(self, text: str) -> str:
+    """`text` with the API key scrubbed out (a server may echo it, a URL may hold it)."""
+    return redaction.scrub(text, self._secrets)
+
   def _backoff(self, attempt: int, retry_after: str | None) -> float:
     delay = min(self.config.max_backoff_s, self.config.backoff_s * 2 ** attempt)
     delay *= 0.5 + 0.5 * random.random()  # jitter: concurrent clients do not retry in lockstep
@@ -346,7 +435,7 @@ class Judge:
       retry_after = None
       request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
       try:
-        with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
+        with self._opener.open(request, timeout=self.config.timeout_s) as response:
           body = response.read()
         try:
           return json.loads(body)
@@ -355,23 +444,30 @@ class Judge:
       except urllib.error.HTTPError as error:
         detail = error.read(300).decode("utf-8", errors="replace").strip()
         if error.code < 500 and error.code not in RETRYABLE_STATUS:
-          raise JudgeError(f"The judge at {self.url} refused the request with HTTP {error.code}: "
-                           f"{detail!r}. Check the URL, the model name ({self.config.model!r}) "
-                           f"and the API key ({ENV_API_KEY}).") from error
-        last_error = f"HTTP {error.code} {detail!r}"
+          if error.code in AUTH_STATUS and not self.config.api_key:
+            hint = (f"No API key was sent: set the environment variable {ENV_API_KEY} "
+                    "(preferred) or pass --config.judge.api_key")
+          else:
+            hint = (f"Check the URL, the model name ({self.config.model!r}) and the API key "
+                    f"({ENV_API_KEY})")
+          # `from None`: the urllib error adds nothing to this message and holds the request.
+          raise JudgeError(self._safe(f"The judge at {self.url} refused the request with HTTP "
+                                      f"{error.code}: {detail!r}. {hint}.")) from None
+        last_error = self._safe(f"HTTP {error.code} {detail!r}")
         retry_after = error.headers.get("Retry-After") if error.headers else None
       except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out
-        last_error = f"{type(error).__name__}: {error}"
+        last_error = self._safe(f"{type(error).__name__}: {error}")
       if attempt + 1 < attempts:
         delay = self._backoff(attempt, retry_after)
         logging.warning("Judge request failed (%s); retry %d/%d in %.1f s.", last_error,
                         attempt + 1, self.config.max_retries, delay)
         time.sleep(delay)
-    raise JudgeError(f"The judge at {self.url} failed {attempts} time(s) in a row; last error: "
-                     f"{last_error}. Check that the server is up and reachable (timeout "
-                     f"{self.config.timeout_s} s). Replies received so far are cached"
-                     + (f" in {self.config.cache_path}" if self.config.cache_path else
-                        " only in memory (set judge.cache_path to keep them)") + ".")
+    raise JudgeError(self._safe(
+        f"The judge at {self.url} failed {attempts} time(s) in a row; last error: {last_error}. "
+        f"Check that the server is up and reachable (timeout {self.config.timeout_s} s). Replies "
+        "received so far are cached"
+        + (f" in {self.config.cache_path}" if self.config.cache_path else
+           " only in memory (set judge.cache_path to keep them)") + "."))
 
   # --- judging ----------------------------------------------------------------------------------
 
@@ -387,7 +483,7 @@ class Judge:
                "temperature": self.config.temperature, "top_p": self.config.top_p,
                "max_tokens": self.config.max_tokens}
     reply = _reply_content(self._post(payload))
-    reply = "" if reply is None else reply
+    reply = "" if reply is None else self._safe(reply)  # a server may echo the key back
     self._remember({"key": key, "model": self.config.model, "repeat": repeat, "reply": reply})
     return reply
 

@@ -33,6 +33,7 @@ from ml_collections import config_flags
 
 from metaphorstar_jax import config_files, data, evaluate as evaluate_lib, rl
 from metaphorstar_jax import export as export_lib
+from metaphorstar_jax import redaction
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.pipeline import PromptStream, collate
 from metaphorstar_jax.models import qwen2_5_vl
@@ -680,7 +681,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
   prepare_fresh_workdir(config)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+      f.write(redaction.redact(config).to_json_best_effort(indent=2))  # no keys on disk
   mesh = sharding_lib.make_mesh(**config.mesh.to_dict())
   if config.plan.check_fit:  # compile every program before any weight is read; refuse a misfit
     from metaphorstar_jax import plan  # here, not at the top: plan imports train
@@ -696,6 +697,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
   # Periodic evaluation is the evaluation CLI's: its sampling settings, repeats and scoring.
   eval_sampler = Sampler(model, evaluate_lib.sampling_config(config), mesh=mesh)
   evaluate_lib.check_repeats(config.eval.num_samples, eval_sampler.config)
+  eval_judge, _ = evaluate_lib.make_judge(config, task, os.path.join(workdir, "eval"))
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   max_to_keep=config.checkpoint.keep,
                                   async_save=config.checkpoint.async_save)
@@ -714,7 +716,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
     found = evaluate_lib.evaluate_records(
         task, eval_records, processor, eval_sampler, run.params,
         batch_size=config.eval.batch_size, num_samples=config.eval.num_samples,
-        seed=config.seed)["metrics"]
+        seed=config.seed, judge=eval_judge)["metrics"]
     logging.info("Evaluation (%s, step %d): %s", tag, run.global_step,
                  json.dumps({k: round(v, 4) for k, v in found.items()}))
     writer.write(run.global_step, {f"eval/{k}": v for k, v in found.items()})

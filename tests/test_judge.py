@@ -1,17 +1,19 @@
 """The OSQ judge client against a scripted OpenAI-style server on 127.0.0.1.
 
 `JudgeServer` (also used by test_evaluate.py) answers POST /v1/chat/completions from a thread on
-an ephemeral port. Each request takes the next planned action (a reply text, an HTTP status, a
-non-JSON body, or a delay), else the default reply; it serves at most `max_requests` and shuts
-down when its `with` block ends.
+an ephemeral port (GET too, where a redirect turned the POST into one). Each request takes the next
+planned action (a reply text, an HTTP status, a non-JSON body, a delay, or a redirect), else the
+default reply; it serves at most `max_requests` and shuts down when its `with` block ends.
 """
 
 import base64
 import collections
 import http.server
+import io
 import json
 import threading
 import time
+import urllib.request
 
 import pytest
 from PIL import Image
@@ -28,13 +30,15 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 
 
 class JudgeServer:
-  """A scripted chat-completions endpoint; `requests` holds (headers, JSON body) of each call."""
+  """A scripted chat-completions endpoint; `requests` holds (headers, JSON body or None) of each
+  call and `paths` its (method, path)."""
 
   def __init__(self, default_reply="[4 points]", max_requests=200):
     self.default_reply = default_reply
     self.max_requests = max_requests
     self.plan = collections.deque()
     self.requests = []
+    self.paths = []
     self._lock = threading.Lock()
     owner = self
 
@@ -45,16 +49,20 @@ class JudgeServer:
       def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         with owner._lock:
-          owner.requests.append((dict(self.headers), json.loads(body)))
+          owner.requests.append((dict(self.headers), json.loads(body) if body else None))
+          owner.paths.append((self.command, self.path))
           count = len(owner.requests)
           action = owner.plan.popleft() if owner.plan else ("reply", None)
-        if self.path != "/v1/chat/completions":
+        if not self.path.endswith("/chat/completions"):
           return self._send(404, b'{"error": "no such route"}')
         if count > owner.max_requests:
           return self._send(400, b'{"error": "request budget of the test server spent"}')
         kind, value = action
-        if kind == "status":
-          return self._send(value, b'{"error": "planned failure"}')
+        if kind == "redirect":  # value: (status, Location)
+          return self._send(value[0], b"", location=value[1])
+        if kind == "status":  # value: a status, or (status, body)
+          status, data = value if isinstance(value, tuple) else (value, b'{"error": "failed"}')
+          return self._send(status, data)
         if kind == "garbage":
           return self._send(200, b"<html>not json</html>")
         if kind == "sleep":
@@ -62,21 +70,26 @@ class JudgeServer:
           value = None
         reply = value if value is not None else owner.default_reply
         if callable(reply):
-          reply = reply(json.loads(body))
+          reply = reply(json.loads(body) if body else None)
         payload = {"id": f"test-{count}", "object": "chat.completion",
                    "choices": [{"index": 0, "finish_reason": "stop",
                                 "message": {"role": "assistant", "content": reply}}]}
         return self._send(200, json.dumps(payload).encode())
 
-      def _send(self, status, data):
+      do_GET = do_POST
+
+      def _send(self, status, data, location=None):
         self.send_response(status)
+        if location:
+          self.send_header("Location", location)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
     self._server = _QuietServer(("127.0.0.1", 0), Handler)
-    self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+    self.origin = f"http://127.0.0.1:{self._server.server_address[1]}"
+    self.url = self.origin + "/v1"
     self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
 
   def __enter__(self):
@@ -259,3 +272,99 @@ def test_config_from_values_then_environment():
     judge_lib.JudgeConfig.resolve({"repeat": 3}, {})
   with pytest.raises(judge_lib.JudgeError, match=judge_lib.ENV_URL):
     judge_lib.Judge(judge_lib.JudgeConfig.resolve({}, {}))
+
+
+# --- where the key may go -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_to_another_host_is_refused_and_the_key_stays_home(server, code):
+  with JudgeServer() as elsewhere:
+    server.then(("redirect", (code, elsewhere.url + "/chat/completions")))
+    with pytest.raises(judge_lib.JudgeError) as raised:
+      make_judge(server).judge(ITEM)
+    assert elsewhere.requests == []  # neither the key nor anything else reached the other port
+  message = str(raised.value)
+  assert server.origin in message and elsewhere.origin in message and f"HTTP {code}" in message
+  assert len(server.requests) == 1  # refused at once, not retried
+
+
+def test_a_redirect_within_the_host_is_followed(server):
+  # 307 repeats the POST, body and key included; 302 turns it into a GET, as HTTP says.
+  server.then(("redirect", (307, "/moved/v1/chat/completions")), ("reply", "[2 points]"),
+              ("redirect", (302, server.url + "/chat/completions")), ("reply", "[5 points]"))
+  judge = make_judge(server)
+  assert judge.judge(ITEM).score == 2.0
+  assert server.paths[:2] == [("POST", "/v1/chat/completions"),
+                              ("POST", "/moved/v1/chat/completions")]
+  assert server.requests[1][1] == server.requests[0][1]
+  assert judge.judge(judge_lib.JudgeItem("q", "r", "another answer")).score == 5.0
+  assert server.paths[3] == ("GET", "/v1/chat/completions")
+  assert all(headers["Authorization"] == "Bearer secret" for headers, _ in server.requests)
+
+
+def test_plain_http_to_another_machine_warns_that_the_key_travels_unencrypted(caplog):
+  caplog.set_level("WARNING")
+  for url in ("https://judge.example/v1", "http://127.0.0.1:9/v1", "http://localhost:9/v1",
+              "http://[::1]:9/v1"):
+    judge_lib.Judge(judge_lib.JudgeConfig(base_url=url, model="m", api_key="k3y-value"))
+  judge_lib.Judge(judge_lib.JudgeConfig(base_url="http://judge.example/v1", model="m"))  # no key
+  assert "unencrypted" not in caplog.text
+  judge_lib.Judge(judge_lib.JudgeConfig(base_url="http://judge.example/v1", model="m",
+                                        api_key="k3y-value"))
+  assert "http://judge.example" in caplog.text and "unencrypted" in caplog.text
+  assert "k3y-value" not in caplog.text
+
+
+def test_a_key_the_server_echoes_stays_out_of_errors_replies_and_the_cache(server, tmp_path,
+                                                                           caplog):
+  caplog.set_level("WARNING")
+  key = "sk-echoed-0123456789"
+  server.then(("reply", f"[3 points] (your key {key})"))
+  cache = tmp_path / "cache.jsonl"
+  verdict = make_judge(server, api_key=key, cache_path=str(cache)).judge(ITEM)
+  assert verdict.score == 3.0 and key not in verdict.replies[0]
+  assert key not in cache.read_text()
+
+  server.then(("status", (400, f'{{"error": "invalid key {key}"}}'.encode())))
+  with pytest.raises(judge_lib.JudgeError, match="HTTP 400.*invalid key <redacted>") as raised:
+    make_judge(server, api_key=key).judge(judge_lib.JudgeItem("q", "r", "new answer"))
+  assert key not in str(raised.value) and raised.value.__cause__ is None  # nor in urllib's error
+  server.then(*[("status", (503, f"overloaded, {key}".encode()))] * 2)
+  with pytest.raises(judge_lib.JudgeError, match="failed 2 time.*overloaded") as raised:
+    make_judge(server, api_key=key, max_retries=1).judge(judge_lib.JudgeItem("q", "r", "third"))
+  assert key not in str(raised.value)
+  assert "Judge request failed" in caplog.text and key not in caplog.text  # the retry's warning
+
+
+def test_a_missing_key_says_where_to_put_it(server):
+  server.then(("status", 401))
+  with pytest.raises(judge_lib.JudgeError, match=f"No API key was sent.*{judge_lib.ENV_API_KEY}"
+                                                  ".*--config.judge.api_key"):
+    make_judge(server, api_key="").judge(ITEM)
+
+
+def test_a_key_redacted_on_disk_comes_from_the_environment_again():
+  read_back = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key": "<redacted>"}
+  config = judge_lib.JudgeConfig.resolve(read_back, {judge_lib.ENV_API_KEY: "from-env"})
+  assert config.api_key == "from-env"
+  with pytest.raises(judge_lib.JudgeError, match=f"never written.*{judge_lib.ENV_API_KEY}.*"
+                                                  "--config.judge.api_key"):
+    judge_lib.JudgeConfig.resolve(read_back, {})
+
+
+def test_redirect_rules_for_schemes_and_ports():
+  def follow(configured, target, code=302):
+    handler = judge_lib.SameHostRedirects(configured)
+    request = urllib.request.Request(configured, data=b"{}", method="POST",
+                                     headers={"Authorization": "Bearer k"})
+    return handler.redirect_request(request, io.BytesIO(), code, "moved", {}, target)
+
+  upgraded = follow("http://judge.example/v1/chat/completions",
+                    "https://judge.example/v1/chat/completions", code=308)
+  assert upgraded.full_url.startswith("https://") and upgraded.get_method() == "POST"
+  assert upgraded.get_header("Authorization") == "Bearer k" and upgraded.data == b"{}"
+  for configured, target in (("https://judge.example/v1", "http://judge.example/v1"),
+                             ("http://judge.example/v1", "https://judge.example:8443/v1"),
+                             ("https://judge.example/v1", "https://judge.example.evil/v1")):
+    with pytest.raises(judge_lib.JudgeError, match=f"redirect to {target[:-3]}.*Refusing"):
+      follow(configured, target)

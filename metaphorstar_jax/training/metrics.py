@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from metaphorstar_jax import redaction
+
 # Shown on the progress bar, in this order, when present.
 BAR_KEYS = ("reward/mean", "accuracy", "kl", "entropy", "response_length/mean", "step_seconds")
 # Plotted at the end, one panel each, when present.
@@ -51,8 +53,8 @@ class MetricsWriter:
       except ImportError as e:
         raise ImportError("W&B logging was asked for (wandb_project) but wandb is not "
                           "installed: pip install wandb.") from e
-      self._wandb = wandb.init(project=wandb_project, dir=workdir,
-                               config=dict(config or {}))
+      self._wandb = wandb.init(project=wandb_project, dir=workdir,  # a dashboard: no keys
+                               config=redaction.redact(dict(config or {})))
     if progress_bar:
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, dynamic_ncols=True, desc="train")

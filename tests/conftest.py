@@ -2,9 +2,14 @@
 
 import os
 import sys
+import tempfile
 
 # Must precede the first jax import anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One persistent compilation cache for the session and the processes its tests start: many tests
+# compile the same tiny-model programs, and on two cores compiling is most of their time.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402

@@ -366,12 +366,7 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
 def cli(argv: Sequence[str]) -> dict:
   """Runs the command line `argv` (program name first); returns run_grid's result."""
   fv = _define_flags(argv)
-  try:
-    rest = fv(list(argv))
-  except flags.Error as error:
-    raise app.UsageError(str(error)) from error
-  if len(rest) > 1:
-    raise app.UsageError(f"Unexpected arguments: {rest[1:]}")
+  config_files.parse_flags(fv, argv)
   if fv.seeds < 1:
     raise app.UsageError(f"--seeds must be at least 1, got {fv.seeds}.")
   config = fv.config

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
+
+from absl import app, flags
 
 DEFAULT = "tfq_grpo_tiny"  # the embedded default every entry point starts from
 
@@ -41,3 +44,15 @@ def path(name: str = DEFAULT) -> str:
     raise FileNotFoundError(f"No config named {name!r} in {directory()}; available: "
                             f"{', '.join(names())}.")
   return found
+
+
+def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> flags.FlagValues:
+  """Parses an entry point's command line `argv` (program name first) into `flag_values`; a bad
+  flag or a stray positional argument is an app.UsageError."""
+  try:
+    rest = flag_values(list(argv))
+  except flags.Error as error:
+    raise app.UsageError(str(error)) from error
+  if len(rest) > 1:
+    raise app.UsageError(f"Unexpected arguments: {rest[1:]}")
+  return flag_values

@@ -441,12 +441,7 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
 def cli(argv: Sequence[str]) -> dict:
   """Runs the command line `argv` (program name first); returns run_evaluation's result."""
   fv = _define_flags(argv)
-  try:
-    rest = fv(list(argv))
-  except flags.Error as error:
-    raise app.UsageError(str(error)) from error
-  if len(rest) > 1:
-    raise app.UsageError(f"Unexpected arguments: {rest[1:]}")
+  config_files.parse_flags(fv, argv)
   if fv.checkpoint and fv.hf_path:
     raise app.UsageError("Give --checkpoint or --hf_path, not both: a training checkpoint already "
                          "holds the weights (its architecture comes from config.model).")

@@ -36,6 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from metaphorstar_jax import config_files
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.chat_template import CHAT_TEMPLATE
 from metaphorstar_jax.models import qwen2_5_vl
@@ -309,12 +310,7 @@ def _define_flags() -> flags.FlagValues:
 def cli(argv: Sequence[str]) -> dict:
   """Runs the command line `argv` (program name first); returns export_checkpoint's summary."""
   fv = _define_flags()
-  try:
-    rest = fv(list(argv))
-  except flags.Error as error:
-    raise app.UsageError(str(error)) from error
-  if len(rest) > 1:
-    raise app.UsageError(f"Unexpected arguments: {rest[1:]}")
+  config_files.parse_flags(fv, argv)
   return export_checkpoint(fv.checkpoint, fv.out, step=fv.step, dtype=fv.dtype,
                            max_shard_bytes=fv.max_shard_bytes)
 

@@ -4,12 +4,13 @@ The forward pass takes the queries `block` at a time and walks the keys `block` 
 keeping a running max, sum and weighted value sum per query (the flash-attention recurrence); it
 returns the output and each query's log-sum-exp. The backward pass recomputes each block's
 probabilities from that log-sum-exp, so neither pass keeps more than one (block × block) block of
-scores per head. Because the log-sum-exp
-is an output (with its own gradient), attention over keys held in two places (a group's shared
-prompt and each row's own completion) is two calls combined exactly by `merge`.
+scores per head. Because the log-sum-exp is an output (with its own gradient), attention over
+keys held in two places (a group's shared prompt and each row's own completion) is two calls
+combined exactly by `merge`.
 
 Shape letters: B rows, T queries, S keys, K kv heads, G query heads per kv head, N = K·G, H head
-dim, I query blocks of Q queries, J key blocks of L keys. Logits, softmax statistics and accumulators are fp32.
+dim, I query blocks of Q queries, J key blocks of L keys. Logits, softmax statistics and
+accumulators are fp32.
 """
 
 from __future__ import annotations
@@ -24,18 +25,13 @@ import jax.numpy as jnp
 EMPTY_LSE = jnp.finfo(jnp.float32).min
 
 
-def _key_blocks(k_BKSH, v_BKSH, mask_BTS, block: int):
-  """Keys, values and mask padded to whole blocks and stacked block-major: (J, ...)."""
+def _key_blocks(k_BKSH, v_BKSH, block: int):
+  """Keys and values padded to whole blocks and stacked block-major: (J, B, K, L, H) each."""
   B, K, S, H = k_BKSH.shape
   J = -(-S // block)
-  pad = J * block - S
-  if pad:
-    k_BKSH = jnp.pad(k_BKSH, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    v_BKSH = jnp.pad(v_BKSH, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, 0), (0, pad)))
-  to_blocks = lambda a_BKSH: jnp.moveaxis(a_BKSH.reshape(B, K, J, block, H), 2, 0)
-  mask_JBTL = jnp.moveaxis(mask_BTS.reshape(*mask_BTS.shape[:2], J, block), 2, 0)
-  return to_blocks(k_BKSH), to_blocks(v_BKSH), mask_JBTL
+  pad = ((0, 0), (0, 0), (0, J * block - S), (0, 0))
+  to_blocks = lambda a_BKSH: jnp.moveaxis(jnp.pad(a_BKSH, pad).reshape(B, K, J, block, H), 2, 0)
+  return to_blocks(k_BKSH), to_blocks(v_BKSH)
 
 
 def _query_blocks(q_BTNH, mask_BTS, num_kv_heads: int, block: int):
@@ -107,9 +103,10 @@ def _forward(q_BTNH, k_BKSH, v_BKSH, mask_BTS, block: int):
   T = q_BTNH.shape[1]
   K = k_BKSH.shape[1]
   q_IBKGQH, mask_IBQS = _query_blocks(q_BTNH, mask_BTS, K, block)
-  k_JBKLH, v_JBKLH, _ = _key_blocks(k_BKSH, v_BKSH, mask_BTS[:, :1], block)
+  k_JBKLH, v_JBKLH = _key_blocks(k_BKSH, v_BKSH, block)
   out_IBKGQH, lse_IBKGQ = jax.lax.map(
-      lambda i: _one_query_block(q_IBKGQH[i], k_JBKLH, v_JBKLH, _mask_of_block(mask_IBQS, i, block)),
+      lambda i: _one_query_block(q_IBKGQH[i], k_JBKLH, v_JBKLH,
+                                 _mask_of_block(mask_IBQS, i, block)),
       jnp.arange(q_IBKGQH.shape[0]))
   return _from_query_blocks(out_IBKGQH, T), _from_query_blocks(lse_IBKGQ, T)
 
@@ -147,7 +144,7 @@ def _attention_bwd(block, residuals, cotangents):
   shift_BTN = d_lse_BTN - jnp.sum(d_out_BTNH.astype(jnp.float32) * out_BTNH, axis=-1)
   per_query = lambda a_BTN: _query_blocks(a_BTN[..., None], mask_BTS, K, block)[0][..., 0]
   lse_IBKGQ, shift_IBKGQ = per_query(lse_BTN), per_query(shift_BTN)
-  k_JBKLH, v_JBKLH, _ = _key_blocks(k_BKSH, v_BKSH, mask_BTS[:, :1], block)
+  k_JBKLH, v_JBKLH = _key_blocks(k_BKSH, v_BKSH, block)
 
   def query_block(dkv, i):
     q_BKGQH, d_out_BKGQH = q_IBKGQH[i], d_out_IBKGQH[i]

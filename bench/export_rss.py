@@ -40,20 +40,21 @@ def save_run(workdir: str, preset: str) -> dict:
   """Writes a one-step training checkpoint and config.json under `workdir`; returns the bytes
   of each part of the checkpoint's arrays."""
   from flax import nnx
-  from metaphorstar_jax import config_defaults, train
+  from metaphorstar_jax import config_defaults
   from metaphorstar_jax.models import qwen2_5_vl
-  from metaphorstar_jax.training import checkpoints, step as step_lib
+  from metaphorstar_jax.training import builders, checkpoints, step as step_lib
+  from metaphorstar_jax.training.state import RunState, checkpoint_arrays
   config = config_defaults.base_config()
   config.workdir = workdir
   config.model.preset, config.model.tokenizer = preset, "small"
   model = qwen2_5_vl.init(qwen2_5_vl.preset(preset), seed=0)
   _, params = nnx.split(model)
   stage = config.stages[0]
-  tx = train.stage_optimizer(config, stage, params)
-  run = train.RunState(params=params, opt_state=step_lib.init_optimizer_state(tx, params),
-                       ref_params=jax.tree.map(lambda a: a.copy(), params), global_step=1,
-                       stage_index=0, stage_step=1)
-  arrays = train.checkpoint_arrays(run)
+  tx = builders.stage_optimizer(config, stage, params)
+  run = RunState(params=params, opt_state=step_lib.init_optimizer_state(tx, params),
+                 ref_params=jax.tree.map(lambda a: a.copy(), params), global_step=1,
+                 stage_index=0, stage_step=1)
+  arrays = checkpoint_arrays(run)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))

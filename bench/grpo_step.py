@@ -32,7 +32,7 @@ Timing. TRL's own `trainer.train()` loop drives: after each of its optimizer ste
 `TrainerCallback` runs one of our steps, so the two sides take turns (load from other processes
 hits both alike). A TRL step is the wall time between the end of our previous step and the end of
 TRL's next optimizer step (batch fetch, generation, reward, loss, backward, optimizer step and
-the Trainer's bookkeeping); ours is one `train.grpo_step` call plus fetching its batch from our
+the Trainer's bookkeeping); ours is one `training.grpo.step` call plus fetching its batch from our
 `PromptStream`. The first --warmup steps of each side are untimed warm-up (`*_warmup_steps_s`):
 ours compiles there (in the first step; a later step compiles again only if its prompts or
 completions need a wider bucket, which `ours_compiled_update_programs` would show), torch
@@ -153,26 +153,30 @@ class OurTrainer:
     from flax import nnx
 
     from metaphorstar_jax import sharding as sharding_lib
-    from metaphorstar_jax import train
     from metaphorstar_jax.data.pipeline import PromptStream
     from metaphorstar_jax.sampling import Sampler, SamplingConfig
-    from metaphorstar_jax.training import step as step_lib
+    from metaphorstar_jax.training import builders, learner as learner_lib, step as step_lib
+    from metaphorstar_jax.training.objective import build_objective
+    from metaphorstar_jax.training.state import RunState
 
     self.config = config = our_config(num_steps)
     self.mesh = sharding_lib.make_mesh(**config.mesh.to_dict())
-    graphdef, params = nnx.split(model)  # placed like train.build_model places a preset model
+    graphdef, params = nnx.split(model)  # placed like builders.build_model places a preset model
     params = jax.device_put(params, sharding_lib.parameter_shardings(params, self.mesh))
     model = nnx.merge(graphdef, params)
-    self.objective = objective = train.build_objective(config)
-    self.sampler = Sampler(model, SamplingConfig(
+    objective = build_objective(config)
+    # The trainer's learner, with a sampler that never stops early: every rollout is full length
+    # in both stacks.
+    sampler = Sampler(model, SamplingConfig(
         max_new_tokens=objective.max_new_tokens, temperature=objective.temperature,
         top_p=objective.top_p, top_k=objective.top_k, stop_token_ids=()), mesh=self.mesh)
-    tx = train.stage_optimizer(config, config.stages[0], params)
-    self.steps = step_lib.TrainSteps(graphdef, tx, objective.loss,
-                                     temperature=objective.temperature,
-                                     logit_chunk=config.train.logit_chunk)
-    self.run = train.RunState(params=params, opt_state=step_lib.init_optimizer_state(tx, params),
-                              ref_params=None, global_step=0, stage_index=0, stage_step=0)
+    tx = builders.stage_optimizer(config, config.stages[0], params)
+    steps = step_lib.TrainSteps(graphdef, tx, objective.loss, temperature=objective.temperature,
+                                logit_chunk=config.train.logit_chunk)
+    self.learner = learner_lib.Learner(config, config.stages[0], objective, steps, sampler, task,
+                                       processor, self.mesh)
+    self.run = RunState(params=params, opt_state=step_lib.init_optimizer_state(tx, params),
+                        ref_params=None, global_step=0, stage_index=0, stage_step=0)
     self.stream = PromptStream(records, processor, task.build_conversation,
                                batch_size=FLAGS.prompts, seed=config.seed, shuffle=False,
                                repeat=False, max_prompt_tokens=config.data.max_prompt_tokens)
@@ -183,15 +187,13 @@ class OurTrainer:
   def step(self) -> None:
     import jax
 
-    from metaphorstar_jax import train
+    from metaphorstar_jax.training import grpo
     start = time.perf_counter()
     batch = self.stream.next_batch()
     if batch is None or len(batch.records) != FLAGS.prompts:
       raise RuntimeError(f"Our prompt stream ran out at step {self.run.global_step}; the "
                          "benchmark builds exactly P records per step.")
-    metrics = train.grpo_step(self.run, self.steps, self.objective, batch, self.task,
-                              self.processor, self.sampler, self.config, self.mesh,
-                              self.config.seed)
+    metrics = grpo.step(self.learner, self.run, batch)
     jax.block_until_ready(self.run.params)
     self.step_seconds.append(time.perf_counter() - start)
     self.rollout_seconds.append(float(metrics["sample_seconds"]))

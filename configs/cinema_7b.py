@@ -23,7 +23,8 @@ that stage only; absent means the config-wide value):
     `branches` continuations; group = num_roots · (1 + branches). See rl/tree.py: a branch is
     rewarded on prefix + continuation and trained on its continuation only.
   sft_data: the cold-start trajectories (JSONL with the record fields plus a "target" text);
-    empty: the trainer's format-only warm start.
+    empty: the trainer's format-only warm start; unset (a placeholder): required, the run
+    refuses to start without it.
 
     python -m metaphorstar_jax.train --config=configs/cinema_7b.py \
         --config.model.hf_path=/ckpt/Qwen2.5-VL-7B-Instruct \
@@ -89,7 +90,9 @@ def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
       # §4.2: 57k cold-start instances. Batch, epochs and lr are [GAP]: one epoch of 128
       # examples a step (445 steps) at RewardMap's SFT lr 1e-5 with 10% warmup (§2.2).
       common.stage("cold_start", kind="sft", steps=445, learning_rate=1e-5, warmup_steps=45,
-                   prompts_per_step=128, sft_data=""),
+                   prompts_per_step=128,
+                   sft_data=ml_collections.config_dict.placeholder(str)),  # required: no data,
+                   # no cold start (the format-only warm start would teach T|F answers here)
       # §4.3: CURE's first stage ran 300 steps; lr 1e-6 with 10 warmup steps.
       common.stage("exploration", kind="grpo", steps=300, learning_rate=1e-6, warmup_steps=10,
                    rl_preset="dapo", rl_overrides=dict(DAPO_OVERRIDES), group_size=16,

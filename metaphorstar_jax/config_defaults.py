@@ -129,6 +129,10 @@ SMOKE_SWITCHES_OFF = {
 }
 SMOKE_SWITCHES_OFF["stages.*.rl_overrides.filter_groups"] = SMOKE_SWITCHES_OFF[
     "rl.overrides.filter_groups"]
+SMOKE_SWITCHES_OFF["stages.*.sft_data"] = (
+    "a supervised stage's trajectories are a dataset a smoke run does not have; it learns the "
+    "trainer's format-only warm-start targets instead (tests/test_train_sft_data.py covers "
+    "the sft_data path)")
 
 SMOKE_NEW_TOKENS = 8
 SMOKE_GROUP_SIZE = 2
@@ -139,7 +143,8 @@ def make_smoke(config: ml_collections.ConfigDict) -> None:
 
   remat, dtypes, freeze_vision, logit_chunk, KL placement, tree rollouts and the mini-batch /
   micro-batch structure (num_minibatches > 1 and grad_accum_steps > 1 where the config has them)
-  stay as configured; only SMOKE_SIZE_FIELDS shrink, and SMOKE_SWITCHES_OFF say what cannot run.
+  stay as configured; only SMOKE_SIZE_FIELDS shrink, and SMOKE_SWITCHES_OFF say what cannot run
+  (each logged).
   """
   config.model.hf_path = ""
   config.model.preset = "tiny"
@@ -175,6 +180,8 @@ def make_smoke(config: ml_collections.ConfigDict) -> None:
       s.tree_rollout = dict(s.tree_rollout, num_roots=1, branches=1)
     if "group_size" in s:
       s.group_size = SMOKE_GROUP_SIZE  # a smoke tree's 1 root + 1 branch too
+    if "sft_data" in s and s.sft_data is None:  # required data: see SMOKE_SWITCHES_OFF
+      s.sft_data = ""
 
 
 def _smoke_overrides(overrides) -> dict:

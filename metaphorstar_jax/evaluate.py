@@ -49,7 +49,7 @@ from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
 from metaphorstar_jax.tasks import Record, Task, get_task, load_records
 from metaphorstar_jax.tasks.records import load_or_generate
-from metaphorstar_jax.training import checkpoints
+from metaphorstar_jax.training import builders, checkpoints
 from metaphorstar_jax.training.checkpoints import checkpoint_location
 
 DEFAULT_CONFIG = config_files.path(config_files.DEFAULT)  # shipped with the package
@@ -288,14 +288,13 @@ def run_evaluation(config: ml_collections.ConfigDict, params=None, *,
   if sampler is None:
     sampling_used = sampling_config(config, sampling)
     check_repeats(num_samples, sampling_used)  # before minutes of model loading, not after
-    from metaphorstar_jax import train as train_lib  # not at import: train imports this module
     mesh = mesh or sharding_lib.make_mesh(**config.mesh.to_dict())
-    processor = processor or train_lib.build_processor(config)
+    processor = processor or builders.build_processor(config)
     if checkpoint:
       model, step = restore_policy(config, checkpoint, mesh, step)
     else:
-      model = train_lib.build_model(config, mesh)
-    train_lib.check_vocabulary(model, processor)
+      model = builders.build_model(config, mesh)
+    builders.check_vocabulary(model, processor)
     sampler = Sampler(model, sampling_used, mesh=mesh)
     params = None
   elif processor is None:

@@ -41,12 +41,12 @@ from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.chat_template import CHAT_TEMPLATE
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.models.qwen2_5_vl import hf_checkpoint
-from metaphorstar_jax.training import checkpoints
+from metaphorstar_jax.training import builders, checkpoints
+from metaphorstar_jax.training.workdir import RUN_CONFIG
 
 DTYPES = ("float32", "bfloat16", "float16")
 # safetensors' names of the dtypes a checkpoint may hold.
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
-RUN_CONFIG = "config.json"  # what train() writes at the top of its workdir
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
@@ -226,8 +226,7 @@ def side_file_writer(config, processor=None) -> Callable[[str], None]:
         shutil.copy(os.path.join(source, name), os.path.join(folder, name))
     return copy
   if processor is None:
-    from metaphorstar_jax import train as train_lib  # not at import: train imports this module
-    processor = train_lib.build_processor(config)
+    processor = builders.build_processor(config)
 
   def save(folder):
     processor.save_pretrained(folder)

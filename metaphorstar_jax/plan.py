@@ -49,10 +49,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metaphorstar_jax import data
 from metaphorstar_jax import sharding as sharding_lib
-from metaphorstar_jax import train as train_lib
 from metaphorstar_jax.data.image_processor import num_image_tokens
 from metaphorstar_jax.models import qwen2_5_vl
-from metaphorstar_jax.sampling import Sampler, SamplingConfig
+from metaphorstar_jax.training import batching, learner as learner_lib, objective as objective_lib
 from metaphorstar_jax.training import step as step_lib
 from metaphorstar_jax.training.policy import SequenceBatch
 
@@ -352,23 +351,19 @@ def _seq_batch(layout: _Layout, P: int, T: int, B: int, N: int, S: int, I: int,
 def stage_programs(config, stage, model, params, layout: _Layout, state: dict) -> list[Program]:
   """The programs one stage runs, at its worst-case shapes; fills `state` with the resident
   parts (opt_state, reference) it implies."""
-  staged = train_lib.stage_config(config, stage)
-  objective = train_lib.build_objective(staged)
+  # The stage's learner, exactly as train builds it (sampler, steps, recipe), on abstract params.
+  learner = learner_lib.build_learner(config, stage, model, nnx.graphdef(model), params,
+                                      task=None, processor=None, mesh=layout.mesh)
+  staged, objective, steps, sampler = (learner.config, learner.objective, learner.steps,
+                                       learner.sampler)
   model_cfg = model.config
   images = prompt_images(staged, model_cfg.vision)
   patch_dim = model_cfg.vision.patch_dim
   longest = int(staged.data.max_prompt_tokens)
   N = objective.max_new_tokens
-  graphdef = nnx.graphdef(model)
-  tx = train_lib.stage_optimizer(config, stage, params)
-  abstract_opt = jax.eval_shape(tx.init, params)
+  abstract_opt = jax.eval_shape(steps.tx.init, params)
   opt_state = with_shardings(abstract_opt,
                              step_lib.optimizer_state_shardings(abstract_opt, params))
-  steps = step_lib.TrainSteps(graphdef, tx, objective.loss, temperature=objective.temperature,
-                              logit_chunk=staged.train.logit_chunk)
-  sampler = Sampler(model, SamplingConfig(
-      max_new_tokens=N, temperature=objective.temperature, top_p=objective.top_p,
-      top_k=objective.top_k, return_entropy=objective.tree is not None), mesh=layout.mesh)
   programs_of_steps = steps.programs(params, opt_state)
   name = stage.name
   uses_ref = stage.kind == "grpo" and (objective.loss.use_kl_loss or
@@ -382,7 +377,7 @@ def stage_programs(config, stage, model, params, layout: _Layout, state: dict) -
   def micro_shapes(prompts: int, per_prompt: int):
     T, S, I = sampler.padded_sizes(longest, prompts * images.patches, prompts * images.images)
     return dict(P=prompts, G=per_prompt, B=prompts * per_prompt,
-                T=train_lib.prompt_width(T, longest), N=N, S=S if images.images else 0, I=I)
+                T=batching.prompt_width(T, longest), N=N, S=S if images.images else 0, I=I)
 
   accumulator = ("accumulator",) if train_cfg.grad_accum_steps > 1 else ()
 
@@ -393,7 +388,7 @@ def stage_programs(config, stage, model, params, layout: _Layout, state: dict) -
 
   if stage.kind == "grpo":
     G = objective.group_size
-    draws = [("", train_lib.draw_size(staged, stage, objective), G, longest)]
+    draws = [("", objective_lib.draw_size(staged, stage, objective), G, longest)]
     if objective.tree is not None:  # roots, then branches from prompt + prefix
       t = objective.tree
       draws = [("", draws[0][1], t.num_roots, longest),

@@ -9,7 +9,8 @@ import os
 import ml_collections
 import pytest
 
-from metaphorstar_jax import config_defaults as common, evaluate, rl, train
+from metaphorstar_jax import config_defaults as common, evaluate, rl
+from metaphorstar_jax.training import objective as objective_lib
 from metaphorstar_jax.tasks import get_task
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -31,7 +32,7 @@ def load(name_or_path, smoke=False):
   return module.get_config()
 
 
-stage_config = train.stage_config
+stage_config = objective_lib.stage_config
 
 
 def test_there_are_configs():
@@ -44,7 +45,7 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_builds_valid_objectives(path, smoke):
   config = load(path, smoke)
-  train.build_objective(config)
+  objective_lib.build_objective(config)
   evaluate.sampling_config(config)
   get_task(config.data.task, **dict(config.data.task_options))
   assert config.stages, "a config needs at least one stage"
@@ -53,7 +54,7 @@ def test_config_builds_valid_objectives(path, smoke):
     assert set(stage.keys()) <= STAGE_FIELDS, set(stage.keys()) - STAGE_FIELDS
     assert stage.steps > 0 and stage.learning_rate > 0
     staged = stage_config(config, stage)
-    objective = train.build_objective(staged)
+    objective = objective_lib.build_objective(staged)
     prompts = staged.train.prompts_per_step
     if stage.kind == "grpo":
       assert objective.group_size >= 2, "GRPO needs at least two samples per prompt"
@@ -76,7 +77,7 @@ def test_config_builds_valid_objectives(path, smoke):
 @pytest.mark.parametrize("size", ["3b", "7b", "32b"])
 def test_metaphorstar_numbers(size):
   config = load(f"tfq_grpo_{size}.py")
-  objective = train.build_objective(config)
+  objective = objective_lib.build_objective(config)
   loss = objective.loss
   assert config.model.preset == size  # §1.3
   assert config.rl.preset == "metaphorstar"
@@ -106,7 +107,7 @@ def test_metaphorstar_numbers(size):
 
 def test_rewardmap_numbers():
   config = load("rewardmap_7b.py")
-  objective = train.build_objective(config)
+  objective = objective_lib.build_objective(config)
   loss = objective.loss
   assert config.model.preset == "7b" and config.data.task == "reasonmap"  # §2.3
   assert objective.group_size == 4 and (objective.temperature, objective.top_p) == (1.0, 1.0)
@@ -143,12 +144,12 @@ def test_cinema_stages_and_numbers():
   tree = explore.tree_rollout
   assert (tree.num_roots, tree.branches, tree.entropy_top_k) == (4, 3, 20)  # §4.3
   # The exploration stage runs tree rollouts; the DAPO stage draws 16 independent rollouts.
-  assert train.build_objective(stage_config(config, explore)).tree == rl.TreeRollout(
+  assert objective_lib.build_objective(stage_config(config, explore)).tree == rl.TreeRollout(
       num_roots=4, branches=3, entropy_top_k=20, min_token_chars=2)
-  assert train.build_objective(stage_config(config, dapo)).tree is None
+  assert objective_lib.build_objective(stage_config(config, dapo)).tree is None
   for stage in (explore, dapo):
     staged = stage_config(config, stage)
-    objective = train.build_objective(staged)
+    objective = objective_lib.build_objective(staged)
     loss = objective.loss
     assert stage.rl_preset == "dapo" and objective.group_size == 16  # §4.3
     assert (loss.clip_ratio_low, loss.clip_ratio_high, loss.clip_ratio_c) == (0.2, 0.28, 10.0)
@@ -161,7 +162,7 @@ def test_cinema_stages_and_numbers():
     assert (objective.temperature, objective.top_p) == (1.0, 1.0)  # §4.3
   assert config.train.prompts_per_step // config.train.num_minibatches == 32  # §4.3 mini-batch
   assert config.optim.weight_decay == 0.1 and config.optim.grad_clip_norm == 1.0  # §4.3
-  assert cold.sft_data == ""
+  assert cold.sft_data is None  # required: the run refuses to start without it
 
 
 def test_tfq_sizes_share_one_smoke_run():

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 from test_judge import JudgeServer
 
-from metaphorstar_jax import evaluate, judge as judge_lib, train
+from metaphorstar_jax import evaluate, judge as judge_lib, sharding as sharding_lib
+from metaphorstar_jax.training import builders
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.tasks import get_task, load_records, write_miniature
 from metaphorstar_jax.training import checkpoints
@@ -84,7 +85,7 @@ def train_config(name, smoke=True):
 
 def test_checkpoint_params_are_restored_and_evaluated(tmp_path):
   config = train_config("tfq_grpo_tiny.py")
-  mesh = train.sharding_lib.make_mesh(**config.mesh.to_dict())
+  mesh = sharding_lib.make_mesh(**config.mesh.to_dict())
   trained = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=7)  # not config.seed's weights
   _, params = nnx.split(trained)
   pure = nnx.to_pure_dict(params)
@@ -115,10 +116,10 @@ def test_checkpoint_params_are_restored_and_evaluated(tmp_path):
 def test_trainer_call_with_repeats_averages_the_metrics():
   config = train_config("tfq_grpo_tiny.py")
   config.eval.num_examples = 4
-  mesh = train.sharding_lib.make_mesh(**config.mesh.to_dict())
-  processor = train.build_processor(config)
-  model = train.build_model(config, mesh)
-  task, _, records = train.load_data(config)
+  mesh = sharding_lib.make_mesh(**config.mesh.to_dict())
+  processor = builders.build_processor(config)
+  model = builders.build_model(config, mesh)
+  task, _, records = builders.load_data(config)
   _, params = nnx.split(model)
   greedy = evaluate.Sampler(model, evaluate.sampling_config(config, "greedy"), mesh=mesh)
   with pytest.raises(ValueError, match="identical runs"):

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from hf_reference import hf_forward
 from metaphorstar_jax import config_files, export, train
+from metaphorstar_jax.training import builders
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.training import checkpoints
 
@@ -94,7 +95,7 @@ def test_cli_export_of_an_eight_device_run_reloads_in_transformers_with_our_logi
   assert {"config.json", "generation_config.json", "model.safetensors.index.json",
           "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
           "chat_template.jinja"} <= set(os.listdir(out))
-  processor = train.build_processor(config)
+  processor = builders.build_processor(config)
   batch = image_text_batch(processor)
   ours_model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"))
   state = nnx.state(ours_model)

@@ -17,6 +17,7 @@ from metaphorstar_jax import config_defaults as common
 from metaphorstar_jax import plan as plan_lib
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax import train as train_lib
+from metaphorstar_jax.training import builders
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
 from metaphorstar_jax.training import step as step_lib
 
@@ -128,7 +129,7 @@ def test_train_refuses_before_loading_weights(monkeypatch, tmp_path):
   config.plan.images_per_prompt = 0
   config.data.max_prompt_tokens = 16384
   config.train.prompts_per_step = 4096
-  monkeypatch.setattr(train_lib, "build_model",
+  monkeypatch.setattr(builders, "build_model",
                       lambda *a: pytest.fail("train built the model before the fit check"))
   with pytest.raises(plan_lib.DoesNotFit, match=r"prefill \(grpo\) needs [\d.]+ GiB per chip"):
     train_lib.train(config)
@@ -150,9 +151,9 @@ def test_exact_parts_equal_a_real_run_on_8_cpu_devices():
   # KV cache the sampler's prefill returns for a batch of the planned shapes.
   mesh = sharding_lib.make_mesh(**config.mesh.to_dict())
   device = mesh.devices.flat[0]
-  model = train_lib.build_model(config, mesh)
+  model = builders.build_model(config, mesh)
   params = nnx.state(model)
-  tx = train_lib.stage_optimizer(config, config.stages[0], params)
+  tx = builders.stage_optimizer(config, config.stages[0], params)
   opt_state = step_lib.init_optimizer_state(tx, params)
   reference = jax.tree.map(lambda a: jax.device_put(a.copy(), a.sharding), params)
   shapes = next(r for r in plan["programs"] if r["name"] == "prefill")["shapes"]

@@ -16,7 +16,8 @@ from flax import nnx
 from metaphorstar_jax import rl, sharding
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
-from metaphorstar_jax.training import checkpoints, metrics as metrics_lib, optimizer, step as step_lib
+from metaphorstar_jax.training import batching, checkpoints, metrics as metrics_lib, optimizer
+from metaphorstar_jax.training import step as step_lib
 from metaphorstar_jax.training.policy import SequenceBatch
 from test_qwen2_5_vl_model import tiny_batch
 
@@ -262,15 +263,13 @@ def test_scoring_only_the_used_completion_columns_changes_nothing():
 
 
 def test_micro_batches_drop_prompt_padding_without_changing_the_logprobs():
-  from metaphorstar_jax import train
   model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=7)
   seq, _, _ = grpo_inputs(model, group=2)
   sampler = Sampler(model, SamplingConfig(max_new_tokens=6))
   bucket, longest = seq.prompt_ids_PT.shape[1], int(seq.prompt_mask_PT.sum(1).max())
-  rows = {"tokens": seq.completion_BN, "mask": seq.completion_mask_BN}
   # All prompts in order: the prepared arrays are used as they are (no examples needed).
-  (trimmed, _), = train.micro_batches([None] * 2, tuple(seq[:4]), rows, [np.arange(2)], 2,
-                                      sampler, None)
+  (trimmed, _), = batching.micro_batches([None] * 2, tuple(seq[:4]), seq.completion_BN,
+                                         seq.completion_mask_BN, [np.arange(2)], 2, sampler, None)
   width = trimmed.prompt_ids_PT.shape[1]
   assert longest <= width < bucket and width % (bucket // 16) == 0
   np.testing.assert_array_equal(np.asarray(trimmed.prompt_ids_PT), seq.prompt_ids_PT[:, -width:])
@@ -297,23 +296,22 @@ def shapes_prompt_batches(count, *, num_records, seed, batch_size=4):
 
 def test_update_scores_every_completion_against_its_own_prompt_and_image():
   """A shuffled selection of prompts must carry their own ids and images to the update."""
-  from metaphorstar_jax import train
   batch, = shapes_prompt_batches(1, num_records=8, seed=3)
   model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=2)
   sampler = Sampler(model, SamplingConfig(max_new_tokens=5))
   prepared = sampler.prepare(batch.arrays)
   G = 2
   rng = np.random.default_rng(0)
-  rows = {"tokens": rng.integers(0, 1990, (4 * G, 5)).astype(np.int32),
-          "mask": np.ones((4 * G, 5), np.int32)}
+  tokens_BN = rng.integers(0, 1990, (4 * G, 5)).astype(np.int32)
+  mask_BN = np.ones((4 * G, 5), np.int32)
   steps, params, _ = make_steps(model)
   score = lambda order: np.concatenate([
       np.asarray(steps.logprobs(params, seq))
-      for seq, _ in train.micro_batches(batch.examples, prepared, rows, [np.asarray(order)], G,
-                                        sampler, None)])
+      for seq, _ in batching.micro_batches(batch.examples, prepared, tokens_BN, mask_BN,
+                                           [np.asarray(order)], G, sampler, None)])
   in_order = score([0, 1, 2, 3])
   shuffled = score([2, 0, 3, 1])
-  np.testing.assert_allclose(shuffled, in_order[train.rows_of(np.asarray([2, 0, 3, 1]), G)],
+  np.testing.assert_allclose(shuffled, in_order[batching.rows_of(np.asarray([2, 0, 3, 1]), G)],
                              atol=1e-5)
 
 
@@ -367,7 +365,6 @@ def test_checkpointer_takes_a_relative_directory(tmp_path, monkeypatch):
 def test_loss_metrics_of_micro_batches_add_up_to_the_mini_batch():
   """Each micro-batch's loss is normalised by the whole mini-batch, so its share must be summed:
   averaging made loss, pg_loss and kl_loss read grad_accum_steps times too low."""
-  from metaphorstar_jax import train
   model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=7)
   seq, advantages, sampler_logprobs = grpo_inputs(model, group=2)  # 2 prompts, 4 rows
   steps, params, _ = make_steps(model)
@@ -384,7 +381,7 @@ def test_loss_metrics_of_micro_batches_add_up_to_the_mini_batch():
 
   _, whole = grads_of(slice(0, 2), slice(0, 4))
   halves = [grads_of(slice(0, 1), slice(0, 2)), grads_of(slice(1, 2), slice(2, 4))]
-  combined = train.minibatch_metrics([m for _, m in halves])
+  combined = batching.minibatch_metrics([m for _, m in halves])
   for key in ("loss", "pg_loss", "kl_loss", "num_tokens"):
     np.testing.assert_allclose(combined[key], float(whole[key]), rtol=1e-4, atol=1e-6,
                                err_msg=key)

@@ -14,6 +14,7 @@ from flax import nnx
 from metaphorstar_jax import data, rl, train
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
+from metaphorstar_jax.training import batching, objective as objective_lib, rollout
 from metaphorstar_jax.training import step as step_lib
 from metaphorstar_jax.training.policy import completion_logprobs
 from test_train import make_steps, shapes_prompt_batches, smoke_default_config
@@ -82,9 +83,9 @@ def test_a_group_size_that_disagrees_with_the_tree_is_an_error():
   config.rl.tree_rollout = dict(num_roots=2, branches=1)
   config.rl.group_size = 6
   with pytest.raises(ValueError, match="num_roots"):
-    train.build_objective(config)
+    objective_lib.build_objective(config)
   config.rl.group_size = -1
-  assert train.build_objective(config).group_size == 4
+  assert objective_lib.build_objective(config).group_size == 4
 
 
 # --- the trainer's tree rows ----------------------------------------------------------------------
@@ -99,35 +100,33 @@ def tree_draw():
   sampler = Sampler(model, SamplingConfig(max_new_tokens=8, stop_token_ids=(),
                                           return_entropy=True))
   steps, params, _ = make_steps(model)
-  run = train.RunState(params=params, opt_state=None, ref_params=None, global_step=0,
-                       stage_index=0, stage_step=0)
   tree = rl.TreeRollout(num_roots=2, branches=3, entropy_top_k=3, min_token_chars=2)
   prepared = sampler.prepare(batch.arrays)
-  rows, metrics = train.tree_rows(run, tree, list(batch.examples), prepared, processor, sampler,
-                                  jax.random.key(0))
+  rows, metrics = rollout.tree_rows(params, tree, list(batch.examples), prepared, processor,
+                                    sampler, jax.random.key(0))
   return dict(batch=batch, processor=processor, sampler=sampler, steps=steps, params=params,
-              model=model, run=run, tree=tree, prepared=prepared, rows=rows, metrics=metrics)
+              model=model, tree=tree, prepared=prepared, rows=rows, metrics=metrics)
 
 
 def test_tree_rows_form_groups_of_roots_and_their_branches(tree_draw):
   rows, tree = tree_draw["rows"], tree_draw["tree"]
   P, G, N = 4, tree.group_size, 8
-  assert rows["tokens"].shape == (P * G, N) and G == 8
+  assert rows.tokens_BN.shape == (P * G, N) and G == 8
   assert tree_draw["metrics"]["tree/branched_frac"] == 1.0
   for p in range(P):
-    group = {name: value[p * G:(p + 1) * G] for name, value in rows.items()}
-    assert not group["prefix"][:tree.num_roots].any()
+    group = rows.take(np.arange(p * G, (p + 1) * G))
+    assert not group.prefix_BN[:tree.num_roots].any()
     for root in range(tree.num_roots):
       for j in range(tree.branches):
         b = tree.num_roots + root * tree.branches + j
-        cut = int(group["prefix"][b].sum())
+        cut = int(group.prefix_BN[b].sum())
         assert 1 <= cut < N
-        assert group["prefix"][b].tolist() == [1] * cut + [0] * (N - cut)
-        np.testing.assert_array_equal(group["tokens"][b, :cut], group["tokens"][root, :cut])
-        np.testing.assert_array_equal(group["sampler_logprobs"][b, :cut],
-                                      group["sampler_logprobs"][root, :cut])
+        assert group.prefix_BN[b].tolist() == [1] * cut + [0] * (N - cut)
+        np.testing.assert_array_equal(group.tokens_BN[b, :cut], group.tokens_BN[root, :cut])
+        np.testing.assert_array_equal(group.sampler_logprobs_BN[b, :cut],
+                                      group.sampler_logprobs_BN[root, :cut])
   # Without stop tokens every row spends its whole budget: prefix + continuation = N.
-  assert (rows["lengths"] == N).all() and rows["truncated"].all() and rows["mask"].all()
+  assert (rows.lengths_B == N).all() and rows.truncated_B.all() and rows.mask_BN.all()
 
 
 def test_branch_continuations_are_the_policys_own_samples_after_the_prefix(tree_draw):
@@ -137,40 +136,41 @@ def test_branch_continuations_are_the_policys_own_samples_after_the_prefix(tree_
   rows, tree = tree_draw["rows"], tree_draw["tree"]
   batch, sampler, steps = tree_draw["batch"], tree_draw["sampler"], tree_draw["steps"]
   P = len(batch.examples)
-  seq, _ = next(train.micro_batches(batch.examples, tree_draw["prepared"], rows,
-                                    [np.arange(P)], tree.group_size, sampler, None))
+  seq, _ = next(batching.micro_batches(batch.examples, tree_draw["prepared"], rows.tokens_BN,
+                                       rows.mask_BN, [np.arange(P)], tree.group_size, sampler,
+                                       None))
   forced = np.asarray(steps.logprobs(tree_draw["params"], seq))
-  np.testing.assert_allclose(forced, rows["sampler_logprobs"], atol=1e-5)
+  np.testing.assert_allclose(forced, rows.sampler_logprobs_BN, atol=1e-5)
 
 
 def test_branches_start_at_one_of_the_top_k_entropy_tokens(tree_draw):
   rows, tree, processor = tree_draw["rows"], tree_draw["tree"], tree_draw["processor"]
   batch, sampler = tree_draw["batch"], tree_draw["sampler"]
   P, G = len(batch.examples), tree.group_size
-  seq, _ = next(train.micro_batches(batch.examples, tree_draw["prepared"], rows,
-                                    [np.arange(P)], G, sampler, None))
+  seq, _ = next(batching.micro_batches(batch.examples, tree_draw["prepared"], rows.tokens_BN,
+                                       rows.mask_BN, [np.arange(P)], G, sampler, None))
   # The policy's entropy recomputed by a teacher-forced pass, not the sampler's report.
   graphdef = nnx.graphdef(tree_draw["model"])
   _, entropy = jax.jit(lambda params, seq: completion_logprobs(
       nnx.merge(graphdef, params), seq))(tree_draw["params"], seq)
   entropy = np.asarray(entropy)
-  table = train.branchable_table(processor, sampler.model_config.text.vocab_size,
-                                 tree.min_token_chars)
+  table = rollout.branchable_table(processor, sampler.model_config.text.vocab_size,
+                                   tree.min_token_chars)
   for p in range(P):
     for root in range(tree.num_roots):
       r = p * G + root
-      candidates = [t for t in range(1, int(rows["lengths"][r])) if table[rows["tokens"][r, t]]]
+      candidates = [t for t in range(1, int(rows.lengths_B[r])) if table[rows.tokens_BN[r, t]]]
       top = sorted(candidates, key=lambda t: -entropy[r, t])[:tree.entropy_top_k]
       for j in range(tree.branches):
         b = p * G + tree.num_roots + root * tree.branches + j
-        assert int(rows["prefix"][b].sum()) in top
+        assert int(rows.prefix_BN[b].sum()) in top
 
 
 def test_tree_rollouts_need_a_sampler_that_reports_entropy(tree_draw):
   plain = Sampler(tree_draw["model"], SamplingConfig(max_new_tokens=8))
   with pytest.raises(ValueError, match="return_entropy"):
-    train.tree_rows(tree_draw["run"], tree_draw["tree"], list(tree_draw["batch"].examples),
-                    tree_draw["prepared"], tree_draw["processor"], plain, jax.random.key(0))
+    rollout.tree_rows(tree_draw["params"], tree_draw["tree"], list(tree_draw["batch"].examples),
+                      tree_draw["prepared"], tree_draw["processor"], plain, jax.random.key(0))
 
 
 def test_a_tree_stage_trains_only_on_each_branchs_continuation(tmp_path, monkeypatch):
@@ -181,7 +181,7 @@ def test_a_tree_stage_trains_only_on_each_branchs_continuation(tmp_path, monkeyp
   config.rl.group_size = -1
   config.rl.tree_rollout = dict(num_roots=1, branches=2, entropy_top_k=4, min_token_chars=1)
   drawn, masks = [], []
-  tree_rows, grpo_grads = train.tree_rows, step_lib.TrainSteps.grpo_grads
+  tree_rows, grpo_grads = rollout.tree_rows, step_lib.TrainSteps.grpo_grads
 
   def spy_rows(*args, **kwargs):
     drawn.append(tree_rows(*args, **kwargs)[0])
@@ -191,13 +191,13 @@ def test_a_tree_stage_trains_only_on_each_branchs_continuation(tmp_path, monkeyp
     masks.append(np.asarray(loss_mask))
     return grpo_grads(self, params, seq, advantages, old, ref, sampler_logprobs, loss_mask, *rest)
 
-  monkeypatch.setattr(train, "tree_rows", spy_rows)
+  monkeypatch.setattr(rollout, "tree_rows", spy_rows)
   monkeypatch.setattr(step_lib.TrainSteps, "grpo_grads", spy_grads)
   train.train(config)
   rows, = drawn
   loss_mask, = masks
-  np.testing.assert_array_equal(loss_mask, rows["mask"] * (1 - rows["prefix"]))
-  assert rows["prefix"].any(), "no branch kept a prefix: the test would not see the masking"
+  np.testing.assert_array_equal(loss_mask, rows.mask_BN * (1 - rows.prefix_BN))
+  assert rows.prefix_BN.any(), "no branch kept a prefix: the test would not see the masking"
   with open(os.path.join(config.workdir, "metrics.jsonl")) as f:
     step = [json.loads(line) for line in f if "tree/root_reward_mean" in line]
   assert len(step) == 1 and np.isfinite(step[0]["loss"])

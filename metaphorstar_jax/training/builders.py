@@ -1,0 +1,83 @@
+"""What a run is built from: the tokenizer and image processor, the sharded policy, the task and
+its records, and each stage's optimizer. Used by train, evaluate, export and plan alike."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+from flax import nnx
+
+from metaphorstar_jax import data
+from metaphorstar_jax import sharding as sharding_lib
+from metaphorstar_jax.models import qwen2_5_vl
+from metaphorstar_jax.tasks import get_task
+from metaphorstar_jax.tasks.records import load_or_generate
+from metaphorstar_jax.training import optimizer
+
+
+def build_processor(config) -> data.ChatProcessor:
+  images = data.ImageProcessor(min_pixels=config.image.min_pixels,
+                               max_pixels=config.image.max_pixels)
+  if config.model.tokenizer == "small":
+    return data.ChatProcessor.from_tokenizer(data.build_small_tokenizer(), images)
+  if config.model.tokenizer == "qwen" or not config.model.hf_path:
+    return data.ChatProcessor.from_tokenizer(data.load_tokenizer(), images)
+  return data.ChatProcessor.from_tokenizer(data.load_tokenizer(config.model.hf_path), images)
+
+
+def build_model(config, mesh) -> qwen2_5_vl.Qwen2_5_VL:
+  """The policy: loaded from `model.hf_path`, or a random `model.preset`, sharded over `mesh`."""
+  m = config.model
+  if m.hf_path:
+    return qwen2_5_vl.from_pretrained(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype,
+                                      mesh=mesh, remat=m.remat)
+  model_config = qwen2_5_vl.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype,
+                                   remat=m.remat)
+  model = qwen2_5_vl.init(model_config, seed=config.seed)
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, sharding_lib.parameter_shardings(state, mesh))
+  return nnx.merge(graphdef, state)
+
+
+def check_vocabulary(model, processor) -> None:
+  vocab = processor.tokenizer.get_vocab_size(with_added_tokens=True)
+  if vocab > model.config.text.vocab_size:
+    raise ValueError(f"The tokenizer has {vocab} tokens but the model embeds only "
+                     f"{model.config.text.vocab_size}; pick the matching tokenizer "
+                     "(config.model.tokenizer).")
+  ids = processor.special_tokens
+  if ids.image_pad != model.config.image_token_id:
+    raise ValueError(f"The tokenizer's <|image_pad|> is {ids.image_pad} but the model expects "
+                     f"{model.config.image_token_id}; tokenizer and model do not belong together.")
+
+
+def load_data(config):
+  """(task, training records, evaluation records); without data paths, tasks that generate their
+  own records do so and file-backed ones fall back to a synthetic miniature (with a warning)."""
+  d = config.data
+  scratch = os.path.join(config.workdir, "data")
+  task = get_task(d.task, **dict(d.task_options))
+  train_records, _ = load_or_generate(task, d.train or None, limit=None, scratch_dir=scratch,
+                                      seed=config.seed)
+  train_records = task.order(train_records, config.seed)
+  eval_task = get_task(d.task, **dict(d.eval_task_options or d.task_options))
+  limit = config.eval.num_examples if config.eval.num_examples > 0 else None
+  eval_records, _ = load_or_generate(eval_task, d.eval or None, limit=limit, scratch_dir=scratch,
+                                     seed=config.seed + 1)
+  return task, train_records, eval_records
+
+
+def frozen_patterns(config) -> tuple[str, ...]:
+  """Regexes of the parameter paths no update may change."""
+  return (r"^visual/",) if config.model.freeze_vision else ()
+
+
+def stage_optimizer(config, stage, params):
+  optim = ml_collections.ConfigDict(config.optim.to_dict())
+  optim.learning_rate = stage.learning_rate
+  optim.warmup_steps = stage.get("warmup_steps", 0)
+  optim.total_steps = stage.steps
+  optim.frozen = frozen_patterns(config)
+  return optimizer.make_optimizer(optim, params)

@@ -1,0 +1,99 @@
+"""Checks of a run config made before any weight is read or program compiled: every number in
+its range, every batch split even, every stage's data present. A bad value is an error naming the
+field and what would be valid; on a pod that is seconds instead of minutes of allocation."""
+
+from __future__ import annotations
+
+from absl import logging
+
+from metaphorstar_jax.training.objective import build_objective, draw_size, stage_config
+
+DTYPES = ("float32", "bfloat16", "float16")
+STAGE_KINDS = ("sft", "grpo")
+PRESET = -1  # the value of a field that means "the RL preset's own"
+
+# (field, smallest allowed value): counts a run cannot do without.
+AT_LEAST = (
+    ("train.prompts_per_step", 1), ("train.ppo_epochs", 1), ("train.num_minibatches", 1),
+    ("train.grad_accum_steps", 1), ("train.logit_chunk", 0), ("train.gen_prompts_per_step", 0),
+    ("rl.max_new_tokens", 1), ("rl.top_k", 0),
+    ("data.max_prompt_tokens", 1), ("data.num_workers", 0),
+    ("eval.every", 0), ("eval.batch_size", 1), ("eval.num_samples", 1),
+    ("checkpoint.every", 0), ("checkpoint.keep", 1), ("export.every", 0), ("log.every", 1),
+    ("optim.max_consecutive_nonfinite", 0),
+)
+
+
+def _get(config, path: str):
+  value = config
+  for part in path.split("."):
+    value = value[part]
+  return value
+
+
+def _fail(field: str, value, wanted: str) -> None:
+  raise ValueError(f"config.{field}={value!r}: {wanted}.")
+
+
+def check_numbers(config) -> None:
+  for field, low in AT_LEAST:
+    value = _get(config, field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      _fail(field, value, f"must be an integer ≥ {low}")
+  for field in ("model.dtype", "model.param_dtype"):
+    if _get(config, field) not in DTYPES:
+      _fail(field, _get(config, field), f"use one of {', '.join(DTYPES)}")
+  group = config.rl.group_size
+  if group != PRESET and group < 1:
+    _fail("rl.group_size", group, f"use a group of at least one rollout (two or more for a "
+          f"baseline), or {PRESET} for the RL preset's rollout.n")
+  for field in ("rl.temperature", "eval.temperature"):
+    value = _get(config, field)
+    if value != PRESET and value < 0:
+      _fail(field, value, f"use a temperature ≥ 0, or {PRESET} for the RL preset's")
+  for field in ("rl.top_p", "eval.top_p"):
+    value = _get(config, field)
+    if value != PRESET and not 0 < value <= 1:
+      _fail(field, value, f"use a top-p in (0, 1], or {PRESET} for the RL preset's")
+  if config.eval.max_new_tokens != PRESET and config.eval.max_new_tokens < 1:
+    _fail("eval.max_new_tokens", config.eval.max_new_tokens,
+          f"use at least 1, or {PRESET} for rl.max_new_tokens")
+  if not config.stages:
+    _fail("stages", list(config.stages), "a run needs at least one stage")
+
+
+def check_stage(config, index: int) -> None:
+  """One stage: its kind, length and rate, its batch splits, and the data it consumes."""
+  stage = config.stages[index]
+  name = f"stages[{index}]"
+  if stage.kind not in STAGE_KINDS:
+    _fail(f"{name}.kind", stage.kind, f"use one of {', '.join(STAGE_KINDS)}")
+  if not isinstance(stage.steps, int) or stage.steps < 1:
+    _fail(f"{name}.steps", stage.steps, "a stage runs at least one step (remove the stage to "
+          "skip it)")
+  if not stage.learning_rate >= 0:
+    _fail(f"{name}.learning_rate", stage.learning_rate, "must be ≥ 0")
+  if stage.kind == "sft" and "sft_data" in stage and stage.sft_data is None:
+    _fail(f"{name}.sft_data", None, f"stage {stage.name!r} learns supervised trajectories and "
+          f"has no data; pass --config.{name}.sft_data=/path/to/trajectories.jsonl")
+  staged = stage_config(config, stage)
+  objective = build_objective(staged)  # raises on recipe fields that do not fit together
+  train_cfg = staged.train
+  parts = train_cfg.grad_accum_steps * (train_cfg.num_minibatches if stage.kind == "grpo" else 1)
+  if train_cfg.prompts_per_step % parts:
+    split = ("num_minibatches × grad_accum_steps" if stage.kind == "grpo"
+             else "grad_accum_steps")
+    _fail(f"train.prompts_per_step (stage {stage.name})", train_cfg.prompts_per_step,
+          f"must split evenly into {split} = {parts} parts")
+  draw_size(staged, stage, objective)
+  if stage.kind == "grpo" and objective.group_size < 2:
+    logging.warning("Stage %s draws one rollout per prompt (group_size=%d): group advantages "
+                    "then have no baseline, and every advantage is 0 under z-score or mean "
+                    "baselines.", stage.name, objective.group_size)
+
+
+def check_config(config) -> None:
+  """Every check above; raises ValueError naming the first bad field."""
+  check_numbers(config)
+  for index in range(len(config.stages)):
+    check_stage(config, index)

@@ -12,7 +12,9 @@ import importlib.util
 import os
 from collections.abc import Sequence
 
-from absl import app, flags
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 DEFAULT = "tfq_grpo_tiny"  # the embedded default every entry point starts from
 
@@ -46,13 +48,74 @@ def path(name: str = DEFAULT) -> str:
   return found
 
 
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config of a `--config` value: 'path/to/file.py' or 'path/to/file.py:arg'."""
+  file, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_metaphorstar_config", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def config_spec(argv: Sequence[str], default: str) -> str:
+  """The `--config` value of a command line (its last one), or `default`."""
+  found = default
+  for index, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      found = arg[len("--config="):]
+    elif arg == "--config" and index + 1 < len(argv):
+      found = argv[index + 1]
+  return found
+
+
+def merge_dict_overrides(config: ml_collections.ConfigDict, config_flag,
+                         argv: Sequence[str], default: str) -> dict[str, list[str]]:
+  """Merges a command-line dict into the config file's dict, key by key.
+
+  ml_collections replaces a dict field given on the command line (`--config.rl.overrides=
+  "{'clip_ratio_high': 0.28}"`) whole, which silently dropped every key the file had set (the
+  tiny config's KL settings, say). Here the given keys win and the file's other keys stay; each
+  kept key is logged. Returns {field: kept keys}."""
+  given = config_flags.get_override_values(config_flag)
+  dict_fields = {path: value for path, value in given.items()
+                 if isinstance(value, (dict, ml_collections.ConfigDict))}
+  if not dict_fields:
+    return {}
+  original = load(config_spec(argv, default))
+  kept = {}
+  for path, value in dict_fields.items():
+    before = original
+    for part in path.split("."):
+      before = before[int(part)] if isinstance(before, (list, tuple)) else before[part]
+    if not isinstance(before, (dict, ml_collections.ConfigDict)):
+      continue
+    before, value = dict(before), dict(value)
+    missing = sorted(set(before) - set(value))
+    if not missing:
+      continue
+    *parents, last = path.split(".")
+    node = config
+    for part in parents:
+      node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
+    node[last] = {**before, **value}
+    kept[path] = missing
+    logging.warning("--config.%s merges into the config file's dict: it keeps %s from the file "
+                    "(set a key to change it).", path, ", ".join(
+                        f"{k}={before[k]!r}" for k in missing))
+  return kept
+
+
 def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> flags.FlagValues:
-  """Parses an entry point's command line `argv` (program name first) into `flag_values`; a bad
-  flag or a stray positional argument is an app.UsageError."""
+  """Parses an entry point's command line `argv` (program name first) into `flag_values`, merging
+  dict overrides of `--config` key by key (merge_dict_overrides); a bad flag or a stray
+  positional argument is an app.UsageError."""
   try:
     rest = flag_values(list(argv))
   except flags.Error as error:
     raise app.UsageError(str(error)) from error
   if len(rest) > 1:
     raise app.UsageError(f"Unexpected arguments: {rest[1:]}")
+  if "config" in flag_values and flag_values["config"].value is not None:
+    merge_dict_overrides(flag_values["config"].value, flag_values["config"], argv,
+                         path(DEFAULT))
   return flag_values

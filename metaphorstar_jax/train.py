@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
 import ml_collections
-from absl import app, logging
+from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
@@ -174,6 +175,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  config_files.merge_dict_overrides(config, flags.FLAGS["config"], sys.argv, DEFAULT_CONFIG)
   sharding_lib.initialize_distributed(**config.distributed.to_dict())
   start = time.perf_counter()
   results = train(config)

@@ -250,3 +250,28 @@ def test_smoke_mode_changes_only_sizes_and_the_switches_it_names(name):
   assert smoke["train.prompts_per_step"] % parts == 0
   assert smoke["model.remat"] == full["model.remat"] is True
   assert smoke["model.dtype"] == full["model.dtype"] == "bfloat16"
+
+
+def test_a_dict_override_merges_into_the_config_files_dict(caplog):
+  """`--config.rl.overrides="{...}"` replaced the file's whole dict (ml_collections' rule): the
+  tiny config's KL settings were lost. Now the given keys win and the file's others stay."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from metaphorstar_jax import config_files
+  def parsed(*args):
+    argv = ["prog", *args]
+    fv = flags.FlagValues()  # sys_argv: ml_collections defines the --config.* flags from it
+    config_flags.DEFINE_config_file("config", config_files.path(), flag_values=fv, sys_argv=argv)
+    return config_files.parse_flags(fv, argv)
+
+  fv = parsed("--config.rl.overrides={'clip_ratio_high': 0.28}", "--config.seed=3")
+  tiny = load("tfq_grpo_tiny.py")
+  assert tiny.rl.overrides and "clip_ratio_high" not in tiny.rl.overrides
+  assert dict(fv["config"].value.rl.overrides) == {**dict(tiny.rl.overrides),
+                                                   "clip_ratio_high": 0.28}
+  assert fv["config"].value.seed == 3
+  assert "keeps" in caplog.text and "use_kl_loss" in caplog.text
+  # A given key replaces the file's value.
+  fv = parsed("--config.rl.overrides={'kl_loss_coef': 0.5}")
+  assert fv["config"].value.rl.overrides.kl_loss_coef == 0.5

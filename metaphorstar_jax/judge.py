@@ -27,12 +27,20 @@ retries and error messages in a few lines.
 
 Robustness:
 * Server errors (HTTP 5xx, 429), connection errors and timeouts are retried with exponential
-  backoff; after the last retry a JudgeError says what failed and where.
+  backoff (at least as long as a `Retry-After` asks, in seconds or as an HTTP date); after the last
+  retry a JudgeError says what failed and where.
+* Each request has a wall-clock deadline (`deadline_s`) besides the per-read `timeout_s`: a
+  server that trickles its reply a byte at a time never times a read out, so a watchdog closes
+  the socket when the deadline passes.
+* A reply larger than `max_reply_bytes`, or a 200 whose body is not a chat completion (not JSON,
+  no `choices[0].message.content`), is a failed request: retried like a server error, never
+  cached.
 * Other HTTP errors (401 bad key, 404 wrong URL or model) fail at once: retrying cannot help.
 * A reply without a parsable 1-5 grade is counted as malformed and scored as missing; it never
   stops an evaluation.
 * Every reply is appended to a JSONL cache keyed by a hash of (model, prompt, answer, image bytes,
-  repeat index), so an interrupted evaluation resumes without asking again.
+  repeat index), so an interrupted evaluation resumes without asking again. A line a kill tore
+  (even inside a multi-byte character) is cut off at the next start, with a warning.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import dataclasses
+import datetime
+import email.utils
 import hashlib
 import http.client
 import ipaddress
@@ -47,6 +57,7 @@ import json
 import os
 import random
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -121,7 +132,10 @@ class JudgeConfig:
     max_tokens: reply budget; the grade needs a few tokens.
     image_detail: OpenAI vision detail level (spec §1.8: "high").
     min_score, max_score: the grade range; a grade outside it counts as malformed.
-    timeout_s: seconds per HTTP request.
+    timeout_s: seconds any one socket operation (connect, one read) may wait.
+    deadline_s: wall-clock seconds one HTTP request may take in all, however the server trickles.
+    max_reply_bytes: the largest reply body read; a grade takes a few hundred bytes, and a larger
+      body is a failed request (retried), never cached or scored.
     max_retries: retries after a failed request (server error, connection error, timeout).
     backoff_s, max_backoff_s: the first retry waits about backoff_s, doubling up to max_backoff_s.
     concurrency: requests in flight at once.
@@ -140,6 +154,8 @@ class JudgeConfig:
   min_score: int = 1
   max_score: int = 5
   timeout_s: float = 60.0
+  deadline_s: float = 120.0
+  max_reply_bytes: int = 1 << 20  # 1 MiB: thousands of times a chat-completion body with a grade
   max_retries: int = 4
   backoff_s: float = 1.0
   max_backoff_s: float = 30.0
@@ -154,6 +170,9 @@ class JudgeConfig:
     if self.timeout_s <= 0 or self.min_score > self.max_score:
       raise ValueError(f"JudgeConfig needs timeout_s > 0 and min_score <= max_score; got "
                        f"{self.timeout_s}, {self.min_score} and {self.max_score}.")
+    if self.deadline_s <= 0 or self.max_reply_bytes < 1:
+      raise ValueError(f"JudgeConfig needs deadline_s > 0 and max_reply_bytes >= 1; got "
+                       f"{self.deadline_s} and {self.max_reply_bytes}.")
 
   @property
   def configured(self) -> bool:
@@ -345,11 +364,114 @@ class SameHostRedirects(urllib.request.HTTPRedirectHandler):
     return super().redirect_request(req, fp, code, msg, headers, target)
 
 
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+  """The wait a `Retry-After` header asks for: delta-seconds or an HTTP date (RFC 9110 §10.2.3),
+  as seconds from `now` (default: the clock), never negative; None when it is neither."""
+  if not value:
+    return None
+  try:
+    return max(0.0, float(value))
+  except ValueError:
+    pass
+  try:
+    when = email.utils.parsedate_to_datetime(value.strip())
+  except (TypeError, ValueError):
+    return None
+  if when.tzinfo is None:  # "-0000": HTTP dates are GMT
+    when = when.replace(tzinfo=datetime.timezone.utc)
+  return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class _RequestFailed(Exception):
+  """One request failed in a way a retry may mend; `retry_after` is the server's header."""
+
+  def __init__(self, message: str, retry_after: str | None = None):
+    super().__init__(message)
+    self.retry_after = retry_after
+
+
+_CURRENT = threading.local()  # .deadline: the _Deadline of the request this thread is sending
+
+
+class _Deadline:
+  """A wall-clock limit on one request. `timeout_s` bounds each socket operation only, so a server
+  that trickles a byte at a time holds a request for ever; when this deadline passes, a timer
+  shuts the request's sockets down, which ends the read that is waiting."""
+
+  def __init__(self, seconds: float):
+    self.seconds = seconds
+    self.expired = False
+    self._sockets: list[socket.socket] = []
+    self._lock = threading.Lock()
+    self._timer = threading.Timer(seconds, self._expire)
+    self._timer.daemon = True
+
+  def __enter__(self) -> _Deadline:
+    _CURRENT.deadline = self
+    self._timer.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._timer.cancel()
+    _CURRENT.deadline = None
+
+  @property
+  def message(self) -> str:
+    return f"no complete reply within judge.deadline_s={self.seconds} s"
+
+  def watch(self, sock: socket.socket) -> None:
+    with self._lock:
+      self._sockets.append(sock)
+      if self.expired:
+        self._shut(sock)
+
+  def _expire(self) -> None:
+    with self._lock:
+      self.expired = True
+      for sock in self._sockets:
+        self._shut(sock)
+
+  @staticmethod
+  def _shut(sock: socket.socket) -> None:
+    try:  # the plain socket's shutdown: SSLSocket's own would unwrap TLS under a reading thread
+      socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+      pass  # already closed
+
+
+def _watch(sock: socket.socket) -> None:
+  deadline = getattr(_CURRENT, "deadline", None)
+  if deadline is not None:
+    deadline.watch(sock)
+
+
+class _WatchedHTTPConnection(http.client.HTTPConnection):
+  def connect(self):
+    super().connect()
+    _watch(self.sock)
+
+
+class _WatchedHTTPSConnection(http.client.HTTPSConnection):
+  def connect(self):
+    super().connect()  # the TLS handshake is bounded by timeout_s per message
+    _watch(self.sock)
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+  def http_open(self, req):
+    return self.do_open(_WatchedHTTPConnection, req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+  def https_open(self, req):
+    return self.do_open(_WatchedHTTPSConnection, req, context=self._context)
+
+
 class Judge:
   """Grades answers through the configured endpoint, with retries and an on-disk cache.
 
-  `stats` counts, since construction: requests sent (retries included), retries, replies read
-  from the cache, and malformed replies.
+  `stats` counts, since construction: requests sent (retries included), requests that failed,
+  retries, replies read from the cache, and malformed replies (a reply without a grade).
   """
 
   def __init__(self, config: JudgeConfig):
@@ -359,14 +481,15 @@ class Judge:
                        "if the endpoint needs a key).")
     self.config = config
     self.url = config.base_url.rstrip("/") + "/chat/completions"
-    self._opener = urllib.request.build_opener(SameHostRedirects(self.url))
+    self._opener = urllib.request.build_opener(SameHostRedirects(self.url), _WatchedHTTPHandler,
+                                               _WatchedHTTPSHandler)
     self._secrets = redaction.secret_values() + [config.api_key]
     scheme, host, _ = _origin(self.url)
     if config.api_key and scheme == "http" and not is_loopback(host):
       logging.warning("The judge at %s is plain http:// on another machine: the API key travels "
                       "unencrypted. Use https:// unless the network is yours.",
                       self._safe(_netloc(self.url)))
-    self.stats = {"requests": 0, "retries": 0, "cache_hits": 0, "malformed": 0}
+    self.stats = {"requests": 0, "failed": 0, "retries": 0, "cache_hits": 0, "malformed": 0}
     self._lock = threading.Lock()
     self._abort = threading.Event()  # set by the first failed job; the queued ones then stop
     self._cache: dict[str, dict[str, Any]] = {}
@@ -380,14 +503,24 @@ class Judge:
     entries: dict[str, dict[str, Any]] = {}
     if not os.path.exists(path):
       return entries
-    with open(path, encoding="utf-8") as handle:
-      for number, line in enumerate(handle, 1):
-        try:
-          entry = json.loads(line)
-          entries[entry["key"]] = entry
-        except (json.JSONDecodeError, KeyError, TypeError):
-          # A run killed mid-write leaves a partial last line; that answer is asked again.
-          logging.warning("Ignoring unreadable line %d of the judge cache %s.", number, path)
+    with open(path, "rb") as handle:  # bytes: a torn line may end inside a UTF-8 character
+      data = handle.read()
+    lines = data.split(b"\n")
+    torn = lines.pop()  # what follows the last newline: empty unless a kill cut a write short
+    for number, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        entry = json.loads(line.decode("utf-8"))
+        entries[entry["key"]] = entry
+      except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        logging.warning("Ignoring unreadable line %d of the judge cache %s.", number, path)
+    if torn:
+      # Cut off, or the next reply appended would share the torn line and be lost with it.
+      logging.warning("The judge cache %s ends in a partial line of %d bytes (a run killed "
+                      "mid-write): cutting it off; that answer is asked again.", path, len(torn))
+      with open(path, "r+b") as handle:
+        handle.truncate(len(data) - len(torn))
     logging.info("Judge cache %s holds %d replies.", path, len(entries))
     return entries
 
@@ -412,35 +545,24 @@ class Judge:
   def _backoff(self, attempt: int, retry_after: str | None) -> float:
     delay = min(self.config.max_backoff_s, self.config.backoff_s * 2 ** attempt)
     delay *= 0.5 + 0.5 * random.random()  # jitter: concurrent clients do not retry in lockstep
-    if retry_after:
-      try:
-        delay = max(delay, min(float(retry_after), self.config.max_backoff_s))
-      except ValueError:
-        pass
+    asked = retry_after_seconds(retry_after)
+    if asked is not None:
+      delay = max(delay, min(asked, self.config.max_backoff_s))
     return delay
 
-  def _post(self, payload: dict[str, Any]) -> Any:
-    """The decoded JSON body of a successful request (None if it is not JSON); retries
-    retryable failures and raises JudgeError once they are spent."""
-    data = json.dumps(payload).encode("utf-8")
-    headers = {"Content-Type": "application/json"}
-    if self.config.api_key:
-      headers["Authorization"] = f"Bearer {self.config.api_key}"
-    attempts = self.config.max_retries + 1
-    last_error = ""
-    for attempt in range(attempts):
-      if attempt:
-        self._count("retries")
-      self._count("requests")
-      retry_after = None
-      request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+  def _attempt(self, request: urllib.request.Request) -> str:
+    """The reply text of one request, within `deadline_s` and `max_reply_bytes`.
+
+    Raises:
+      JudgeError: a refusal a retry cannot mend (HTTP 4xx other than 408 and 429).
+      _RequestFailed: anything else (5xx, 408, 429, network errors, the deadline, an oversized
+        reply, a 200 that is not a chat completion).
+    """
+    limit = self.config.max_reply_bytes
+    with _Deadline(self.config.deadline_s) as deadline:
       try:
         with self._opener.open(request, timeout=self.config.timeout_s) as response:
-          body = response.read()
-        try:
-          return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-          return None  # a 200 that is not JSON: the reply is malformed, not the server down
+          body = response.read(limit + 1)  # one byte more tells an oversized reply
       except urllib.error.HTTPError as error:
         detail = error.read(300).decode("utf-8", errors="replace").strip()
         if error.code < 500 and error.code not in RETRYABLE_STATUS:
@@ -453,10 +575,43 @@ class Judge:
           # `from None`: the urllib error adds nothing to this message and holds the request.
           raise JudgeError(self._safe(f"The judge at {self.url} refused the request with HTTP "
                                       f"{error.code}: {detail!r}. {hint}.")) from None
-        last_error = self._safe(f"HTTP {error.code} {detail!r}")
-        retry_after = error.headers.get("Retry-After") if error.headers else None
+        raise _RequestFailed(f"HTTP {error.code} {detail!r}",
+                             error.headers.get("Retry-After") if error.headers else None) from None
       except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out
-        last_error = self._safe(f"{type(error).__name__}: {error}")
+        raise _RequestFailed(deadline.message if deadline.expired
+                             else f"{type(error).__name__}: {error}") from None
+    if deadline.expired:  # the read ended because its socket was shut: the body is cut short
+      raise _RequestFailed(deadline.message)
+    if len(body) > limit:
+      raise _RequestFailed(f"a reply of more than judge.max_reply_bytes={limit} bytes")
+    try:
+      reply = _reply_content(json.loads(body))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      reply = None
+    if reply is None:  # a proxy's error page, say: asking again may get the real answer
+      raise _RequestFailed(f"HTTP 200 whose body is not a chat completion: {body[:120]!r}")
+    return reply
+
+  def _request_reply(self, payload: dict[str, Any]) -> str:
+    """The reply text to `payload`; retries failed requests and raises JudgeError once they are
+    spent."""
+    data = json.dumps(payload).encode("utf-8")
+    headers = {"Content-Type": "application/json"}
+    if self.config.api_key:
+      headers["Authorization"] = f"Bearer {self.config.api_key}"
+    attempts = self.config.max_retries + 1
+    last_error = ""
+    for attempt in range(attempts):
+      if attempt:
+        self._count("retries")
+      self._count("requests")
+      request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+      try:
+        return self._attempt(request)
+      except _RequestFailed as failure:
+        self._count("failed")
+        last_error = self._safe(str(failure))
+        retry_after = failure.retry_after
       if attempt + 1 < attempts:
         delay = self._backoff(attempt, retry_after)
         logging.warning("Judge request failed (%s); retry %d/%d in %.1f s.", last_error,
@@ -464,8 +619,8 @@ class Judge:
         time.sleep(delay)
     raise JudgeError(self._safe(
         f"The judge at {self.url} failed {attempts} time(s) in a row; last error: {last_error}. "
-        f"Check that the server is up and reachable (timeout {self.config.timeout_s} s). Replies "
-        "received so far are cached"
+        f"Check that the server is up and reachable (timeout {self.config.timeout_s} s per read, "
+        f"{self.config.deadline_s} s per request). Replies received so far are cached"
         + (f" in {self.config.cache_path}" if self.config.cache_path else
            " only in memory (set judge.cache_path to keep them)") + "."))
 
@@ -482,8 +637,7 @@ class Judge:
                "messages": build_messages(prompt, images, self.config.image_detail),
                "temperature": self.config.temperature, "top_p": self.config.top_p,
                "max_tokens": self.config.max_tokens}
-    reply = _reply_content(self._post(payload))
-    reply = "" if reply is None else self._safe(reply)  # a server may echo the key back
+    reply = self._safe(self._request_reply(payload))  # a server may echo the key back
     self._remember({"key": key, "model": self.config.model, "repeat": repeat, "reply": reply})
     return reply
 

@@ -1,110 +1,18 @@
-"""The OSQ judge client against a scripted OpenAI-style server on 127.0.0.1.
-
-`JudgeServer` (also used by test_evaluate.py) answers POST /v1/chat/completions from a thread on
-an ephemeral port (GET too, where a redirect turned the POST into one). Each request takes the next
-planned action (a reply text, an HTTP status, a non-JSON body, a delay, or a redirect), else the
-default reply; it serves at most `max_requests` and shuts down when its `with` block ends.
-"""
+"""The OSQ judge client against a scripted OpenAI-style server on 127.0.0.1 (helpers.JudgeServer)."""
 
 import base64
-import collections
-import http.server
+import email.utils
 import io
-import json
-import threading
 import time
+import types
 import urllib.request
 
 import pytest
+from helpers import JudgeServer
 from PIL import Image
 
 from metaphorstar_jax import judge as judge_lib
 from metaphorstar_jax.tasks import io as task_io
-
-
-class _QuietServer(http.server.ThreadingHTTPServer):
-  daemon_threads = True
-
-  def handle_error(self, request, client_address):
-    pass  # a client that timed out closes its socket; writing the late reply then fails
-
-
-class JudgeServer:
-  """A scripted chat-completions endpoint; `requests` holds (headers, JSON body or None) of each
-  call and `paths` its (method, path)."""
-
-  def __init__(self, default_reply="[4 points]", max_requests=200):
-    self.default_reply = default_reply
-    self.max_requests = max_requests
-    self.plan = collections.deque()
-    self.requests = []
-    self.paths = []
-    self._lock = threading.Lock()
-    owner = self
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-      def log_message(self, *args):  # keep test output quiet
-        pass
-
-      def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        with owner._lock:
-          owner.requests.append((dict(self.headers), json.loads(body) if body else None))
-          owner.paths.append((self.command, self.path))
-          count = len(owner.requests)
-          action = owner.plan.popleft() if owner.plan else ("reply", None)
-        if not self.path.endswith("/chat/completions"):
-          return self._send(404, b'{"error": "no such route"}')
-        if count > owner.max_requests:
-          return self._send(400, b'{"error": "request budget of the test server spent"}')
-        kind, value = action
-        if kind == "redirect":  # value: (status, Location)
-          return self._send(value[0], b"", location=value[1])
-        if kind == "status":  # value: a status, or (status, body)
-          status, data = value if isinstance(value, tuple) else (value, b'{"error": "failed"}')
-          return self._send(status, data)
-        if kind == "garbage":
-          return self._send(200, b"<html>not json</html>")
-        if kind == "sleep":
-          time.sleep(value)
-          value = None
-        reply = value if value is not None else owner.default_reply
-        if callable(reply):
-          reply = reply(json.loads(body) if body else None)
-        payload = {"id": f"test-{count}", "object": "chat.completion",
-                   "choices": [{"index": 0, "finish_reason": "stop",
-                                "message": {"role": "assistant", "content": reply}}]}
-        return self._send(200, json.dumps(payload).encode())
-
-      do_GET = do_POST
-
-      def _send(self, status, data, location=None):
-        self.send_response(status)
-        if location:
-          self.send_header("Location", location)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    self._server = _QuietServer(("127.0.0.1", 0), Handler)
-    self.origin = f"http://127.0.0.1:{self._server.server_address[1]}"
-    self.url = self.origin + "/v1"
-    self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
-
-  def __enter__(self):
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._server.shutdown()
-    self._server.server_close()
-    self._thread.join(timeout=5)
-
-  def then(self, *actions):
-    """Plans the next requests' actions, e.g. then(("status", 500), ("reply", "[2 points]"))."""
-    self.plan.extend(actions)
-    return self
 
 
 @pytest.fixture
@@ -144,7 +52,8 @@ def test_success_sends_rubric_image_and_settings(server):
   assert image["type"] == "image_url" and image["image_url"]["detail"] == "high"
   assert image["image_url"]["url"].startswith(prefix)
   assert base64.b64decode(image["image_url"]["url"][len(prefix):]) == IMAGE
-  assert judge.stats == {"requests": 3, "retries": 0, "cache_hits": 0, "malformed": 0}
+  assert judge.stats == {"requests": 3, "failed": 0, "retries": 0, "cache_hits": 0,
+                         "malformed": 0}
 
 
 def test_retries_after_server_error(server):
@@ -181,7 +90,7 @@ def test_connection_refused_is_retried_then_reported():
 
 
 def test_malformed_replies_are_counted_and_missing(server):
-  server.then(("reply", "I would rather not grade this."), ("garbage", None),
+  server.then(("reply", "I would rather not grade this."), ("reply", "Fine work."),
               ("reply", "[9 points]"), ("reply", "[5 points]"))
   judge = make_judge(server, repeats=2)
   other = judge_lib.JudgeItem(ITEM.question, ITEM.reference, "Another reading.", ITEM.images)
@@ -226,6 +135,78 @@ def test_cache_survives_a_torn_last_line(server, tmp_path):
     handle.write('{"key": "abc", "rep')  # a run killed mid-write
   assert make_judge(server, cache_path=str(cache)).judge(ITEM).score == 4.0
   assert len(server.requests) == 1
+
+
+def test_a_200_that_is_not_a_chat_completion_is_retried_and_never_cached(server, tmp_path):
+  # Issue 12, defect 5: such a reply was cached as "" and scored missing for good.
+  cache = tmp_path / "cache.jsonl"
+  server.then(("garbage", None), ("status", (200, b'{"error": "upstream busy"}')),
+              ("reply", "[2 points]"))
+  judge = make_judge(server, cache_path=str(cache))
+  assert judge.judge(ITEM).score == 2.0
+  assert judge.stats["failed"] == 2 and judge.stats["retries"] == 2
+  assert len(cache.read_text().splitlines()) == 1 and '"[2 points]"' in cache.read_text()
+  server.then(*[("garbage", None)] * 3)
+  with pytest.raises(judge_lib.JudgeError, match="failed 3 time.*not a chat completion"):
+    make_judge(server, cache_path=str(cache)).judge(judge_lib.JudgeItem("q", "r", "other"))
+  assert len(cache.read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("action", ["reply", "unsized"])
+def test_an_oversized_reply_is_a_failed_request_never_cached(server, tmp_path, action):
+  cache = tmp_path / "cache.jsonl"
+  server.then((action, "[5 points] " + "padding " * 1000))  # about 8 KiB
+  judge = make_judge(server, max_reply_bytes=4096, cache_path=str(cache))
+  assert judge.judge(ITEM).score == 4.0  # the retry's default reply
+  assert judge.stats["failed"] == 1 and "padding" not in cache.read_text()
+  server.then(*[(action, "[5 points] " + "padding " * 1000)] * 3)
+  with pytest.raises(judge_lib.JudgeError, match="max_reply_bytes=4096"):
+    make_judge(server, max_reply_bytes=4096).judge(judge_lib.JudgeItem("q", "r", "other"))
+
+
+def test_a_trickling_server_is_cut_off_at_the_deadline(server):
+  # One byte every 50 ms never times a 1 s read out; the whole reply would take about 8 s.
+  server.then(("trickle", 0.05), ("trickle", 0.05))
+  judge = make_judge(server, timeout_s=1.0, deadline_s=0.5, max_retries=0)
+  started = time.monotonic()
+  with pytest.raises(judge_lib.JudgeError, match=r"deadline_s=0.5"):
+    judge.judge(ITEM)
+  assert time.monotonic() - started < 3 * 0.5
+  retried = make_judge(server, timeout_s=1.0, deadline_s=0.5, max_retries=1)
+  assert retried.judge(ITEM).score == 4.0  # the second request is answered at once
+  assert retried.stats["failed"] == 1
+
+
+def test_retry_after_as_an_http_date_is_honoured(server, monkeypatch):
+  waits = []
+  monkeypatch.setattr(judge_lib, "time", types.SimpleNamespace(time=time.time, sleep=waits.append))
+  later = email.utils.formatdate(time.time() + 30, usegmt=True)
+  server.then(("status", (503, b"busy", {"Retry-After": later})), ("reply", "[3 points]"))
+  assert make_judge(server, max_backoff_s=60.0).judge(ITEM).score == 3.0
+  assert len(waits) == 1 and 28 <= waits[0] <= 30  # the date has whole seconds
+  now = 1_700_000_000.0
+  assert judge_lib.retry_after_seconds("Tue, 14 Nov 2023 22:13:30 GMT", now) == 10.0
+  assert judge_lib.retry_after_seconds("Tue, 14 Nov 2023 22:13:10 GMT", now) == 0.0  # past
+  assert judge_lib.retry_after_seconds("7", now) == 7.0
+  assert judge_lib.retry_after_seconds("soon", now) is None
+  assert judge_lib.retry_after_seconds(None, now) is None
+
+
+def test_cache_survives_a_tail_torn_inside_a_character(server, tmp_path, caplog):
+  cache = tmp_path / "cache.jsonl"
+  server.then(("reply", "[4 points] très juste"))
+  make_judge(server, cache_path=str(cache)).judge(ITEM)
+  whole = cache.read_bytes()
+  cache.write_bytes(whole + whole[:whole.index("è".encode()) + 1])  # a kill mid-character
+  caplog.set_level("WARNING")
+  restarted = make_judge(server, cache_path=str(cache))
+  assert "partial line" in caplog.text and cache.read_bytes() == whole  # cut off
+  assert restarted.judge(ITEM).score == 4.0 and restarted.stats["cache_hits"] == 1
+  other = judge_lib.JudgeItem("q", "r", "another answer")
+  restarted.judge(other)  # appended on a line of its own
+  again = make_judge(server, cache_path=str(cache))
+  again.judge_many([ITEM, other])
+  assert again.stats["requests"] == 0 and len(server.requests) == 2
 
 
 def test_timeout_is_retried_and_reported(server):

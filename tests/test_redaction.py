@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
-from test_judge import JudgeServer
+from helpers import JudgeServer
 
 from metaphorstar_jax import evaluate, export, judge as judge_lib, redaction, train
 

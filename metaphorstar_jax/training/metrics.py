@@ -1,7 +1,9 @@
 """Where per-step metrics go: a progress bar, TensorBoard event files, optional W&B, a JSONL
 history and, at the end, a PNG plot of the curves that tell whether RL is working.
 
-Only process 0 writes; the others keep quiet.
+Only process 0 writes; the others keep quiet. The history (`metrics.jsonl`, one JSON object per
+line, each with its "step") is repaired when a writer starts: a line a kill tore is dropped, and a
+resumed run drops the rows of the steps after its checkpoint, which it is about to write again.
 """
 
 from __future__ import annotations
@@ -31,12 +33,66 @@ def _scalar(value) -> float | None:
   return value
 
 
+def _history_rows(path: str) -> tuple[list[tuple[bytes, dict]], list[int]]:
+  """(line, row) of every readable line of the history at `path`, and the numbers of the lines
+  that are not (a torn last line, or one that is not a row with a step)."""
+  with open(path, "rb") as f:  # bytes: a torn line may end inside a UTF-8 character
+    lines = f.read().split(b"\n")
+  rows, unreadable = [], []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      row = None
+    if isinstance(row, dict) and isinstance(row.get("step"), int):
+      rows.append((line, row))
+    else:
+      unreadable.append(number)
+  return rows, unreadable
+
+
+def repair_history(path: str, resume_step: int | None = None) -> None:
+  """Makes the history at `path` fit a run that starts now, rewriting it (atomically) if needed.
+
+  Args:
+    path: a metrics.jsonl; nothing happens when it does not exist.
+    resume_step: the global step the run restored. Rows of later steps are dropped: the resumed
+      run writes them again. 0 means nothing was restored: every row goes, the "before"
+      evaluation at step 0 included, since the run starts over. None keeps every readable row.
+
+  Lines that do not parse (a kill tore the last one) are dropped with a warning.
+  """
+  if not os.path.exists(path):
+    return
+  rows, unreadable = _history_rows(path)
+  if unreadable:
+    logging.warning("Dropping unreadable line(s) %s of %s (a run killed mid-write tears the "
+                    "last one).", unreadable, path)
+  kept = rows if resume_step is None else [
+      (line, row) for line, row in rows if resume_step > 0 and row["step"] <= resume_step]
+  if len(kept) < len(rows):
+    later = sorted({row["step"] for _, row in rows} - {row["step"] for _, row in kept})
+    logging.warning("Resuming at step %d: dropping %d row(s) of steps %d-%d from %s; this run "
+                    "writes them again.", resume_step, len(rows) - len(kept), later[0],
+                    later[-1], path)
+  if unreadable or len(kept) < len(rows):
+    with open(path + ".tmp", "wb") as f:
+      f.write(b"".join(line + b"\n" for line, _ in kept))
+    os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
-  """Collects scalar metrics per step and fans them out."""
+  """Collects scalar metrics per step and fans them out.
+
+  `resume_step` is the global step the run restored (0: none, a fresh start; None: leave the
+  history as it is, torn lines apart); see `repair_history`.
+  """
 
   def __init__(self, workdir: str, *, total_steps: int, use_tensorboard: bool = True,
                wandb_project: str | None = None, config: Mapping | None = None,
-               progress_bar: bool = True):
+               progress_bar: bool = True, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self.workdir = workdir
     self.history_path = os.path.join(workdir, "metrics.jsonl")
@@ -44,6 +100,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    repair_history(self.history_path, resume_step)
     if use_tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -88,10 +145,14 @@ class MetricsWriter:
 
 
 def read_history(path: str) -> list[dict]:
+  """The rows of the history at `path`, in file order; unreadable lines are skipped with a
+  warning (a run still writing, or killed, may leave a torn last line)."""
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  rows, unreadable = _history_rows(path)
+  if unreadable:
+    logging.warning("Skipping unreadable line(s) %s of %s.", unreadable, path)
+  return [row for _, row in rows]
 
 
 def plot_history(history: Sequence[Mapping], out_path: str,

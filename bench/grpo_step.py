@@ -347,7 +347,7 @@ def main(argv):
   with tempfile.TemporaryDirectory(prefix="bench_grpo_trl_") as output_dir:
     trainer, torch_lengths = trl_trainer(
         hf_model, common.transformers_processor(), task, records,
-        ours.sampler.config.banned_token_ids, num_steps, output_dir, callback)
+        ours.learner.sampler.config.banned_token_ids, num_steps, output_dir, callback)
     with common.OtherLoad() as other_load, contextlib.redirect_stdout(sys.stderr):
       trainer.train()
   if len(callback.torch_seconds) != num_steps or len(ours.step_seconds) != num_steps:
@@ -376,8 +376,8 @@ def main(argv):
       ours_warmup_steps_s=ours.step_seconds[:w], torch_warmup_steps_s=callback.torch_seconds[:w],
       ours_completion_tokens=statistics.mean(ours.completion_lengths),
       torch_completion_tokens=statistics.mean(torch_lengths),
-      ours_compiled_sampler_programs=ours.sampler.compiled_programs,
-      ours_compiled_update_programs=ours.steps.compiled_update_programs(),
+      ours_compiled_sampler_programs=ours.learner.sampler.compiled_programs,
+      ours_compiled_update_programs=ours.learner.steps.compiled_update_programs(),
       warmup_steps=w, timed_steps=FLAGS.repeats,
       torch_side=f"trl.GRPOTrainer {trl.__version__} (transformers generate, no vLLM)",
       settings=dict(kl="none (beta=0, no reference model)", learning_rate=FLAGS.learning_rate,

@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval="",
       max_prompt_tokens=4096,
       num_workers=0,  # grain worker processes for image decoding
+      # File-backed tasks without data paths: True trains and evaluates on a small synthetic
+      # miniature (for trying the code); False refuses to start.
+      miniature=False,
   ))
 
   config.rl = ml_collections.ConfigDict(dict(
@@ -110,6 +113,7 @@ SMOKE_SIZE_FIELDS = (
     "model.hf_path", "model.preset", "model.tokenizer",
     "image.min_pixels", "image.max_pixels",
     "data.max_prompt_tokens",
+    "data.miniature",  # a data source, like the paths: the smoke run's synthetic records
     "rl.group_size", "rl.max_new_tokens", "rl.overrides.overlong_buffer_len",
     "train.prompts_per_step", "train.gen_prompts_per_step", "train.num_minibatches",
     "train.grad_accum_steps", "train.logit_chunk",
@@ -151,6 +155,7 @@ def make_smoke(config: ml_collections.ConfigDict) -> None:
   config.model.tokenizer = "small"
   config.image.min_pixels = config.image.max_pixels = 56 * 56
   config.data.max_prompt_tokens = min(config.data.max_prompt_tokens, 512)
+  config.data.miniature = True
   minibatches = min(config.train.num_minibatches, 2)
   accumulation = min(config.train.grad_accum_steps, 2)
   parts = minibatches * accumulation

@@ -60,20 +60,6 @@ RESULTS_JSON, RESULTS_MD, COMPLETIONS = "results.json", "results.md", "completio
 
 # --- what to evaluate ---------------------------------------------------------------------------
 
-def eval_task(config) -> Task:
-  """The task with the evaluation options (data.eval_task_options, else data.task_options)."""
-  d = config.data
-  return get_task(d.task, **dict(d.eval_task_options or d.task_options))
-
-
-def eval_records(config, task: Task, scratch_dir: str) -> tuple[list[Record], str]:
-  """(records, where they came from): data.eval, else the task's generated records, else a
-  synthetic miniature written under `scratch_dir`; at most eval.num_examples (<= 0: all)."""
-  limit = int(config.eval.num_examples) if int(config.eval.num_examples) > 0 else None
-  return load_or_generate(task, config.data.eval or None, limit=limit, scratch_dir=scratch_dir,
-                          seed=config.seed)
-
-
 def restore_policy(config, checkpoint: str, mesh, step: int | None = None):
   """(model, step): the architecture of `config.model`, with the params of a training checkpoint.
 
@@ -283,7 +269,7 @@ def run_evaluation(config: ml_collections.ConfigDict, params=None, *,
                  f"hf {config.model.hf_path}" if config.model.hf_path else
                  f"random preset {config.model.preset}")
   run_dir = checkpoint_location(checkpoint)[1] if checkpoint else config.workdir
-  task = task or eval_task(config)
+  task = task or builders.eval_task(config)
 
   if sampler is None:
     sampling_used = sampling_config(config, sampling)
@@ -309,7 +295,7 @@ def run_evaluation(config: ml_collections.ConfigDict, params=None, *,
   if write:
     os.makedirs(output_dir, exist_ok=True)
   if records is None:
-    records, data_source = eval_records(config, task, output_dir)
+    records, data_source = builders.eval_records(config, task, output_dir)
   else:
     data_source = "given"
   if not records:

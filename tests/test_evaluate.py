@@ -67,12 +67,22 @@ def test_cli_on_a_tvr_miniature(tmp_path):
   assert [c["id"] for c in completions] == [f"tvr-2-{i}" for i in range(3)]
 
 
-def test_file_backed_task_without_data_falls_back_to_a_miniature(tmp_path):
+def test_file_backed_task_without_data_needs_the_miniature_asked_for(tmp_path):
+  """It fell back to a synthetic miniature with only a warning; on a pod that wastes the whole
+  allocation. Smoke configs ask for it (data.miniature=True)."""
   config = train_config("rewardmap_7b.py")
-  task = evaluate.eval_task(config)
-  records, source = evaluate.eval_records(config, task, str(tmp_path))
+  assert config.data.miniature
+  task = builders.eval_task(config)
+  records, source = builders.eval_records(config, task, str(tmp_path))
   assert source.startswith("miniature:") and os.path.exists(source.split(":", 1)[1])
   assert 0 < len(records) <= config.eval.num_examples
+  full = train_config("rewardmap_7b.py", smoke=False)
+  full.workdir = str(tmp_path / "run")
+  with pytest.raises(ValueError, match=r"config\.data\.train is empty.*data\.miniature=True"):
+    builders.load_data(full)
+  full.data.train = str(os.path.join(source.split(":", 1)[1]))
+  with pytest.raises(ValueError, match=r"config\.data\.eval is empty"):
+    builders.load_data(full)
 
 
 def train_config(name, smoke=True):

@@ -37,11 +37,13 @@ class Record:
 
 @dataclasses.dataclass
 class ReadStats:
-  """Counts what a reader kept and skipped; every skip is also logged with the record id."""
+  """Counts what a reader kept and skipped, every skip also logged with the record id, and the
+  ids that more than one kept record has (id -> records after the first)."""
 
   source: str = ""
   read: int = 0
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  duplicate_ids: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   def skip(self, record_id: str, reason: str, detail: str = "") -> None:
     """Counts one skipped record under `reason` and logs it."""
@@ -62,7 +64,15 @@ class ReadStats:
     reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
     return f"{self.source}: read {self.read} records, skipped {self.num_skipped}" + (
       f" ({reasons})" if reasons else ""
-    )
+    ) + (f"; {self.duplicates()}" if self.duplicate_ids else "")
+
+  def duplicates(self, examples: int = 3) -> str:
+    """'N records repeat an earlier id (e.g. 'a' x2, ...)', naming the `examples` most repeated."""
+    named = ", ".join(f"{record_id!r} x{count + 1}"
+                      for record_id, count in self.duplicate_ids.most_common(examples))
+    more = ", ..." if len(self.duplicate_ids) > examples else ""
+    return (f"{sum(self.duplicate_ids.values())} records repeat an earlier id (e.g. "
+            f"{named}{more})")
 
 
 class RecordError(ValueError):
@@ -136,20 +146,30 @@ def make_options(options_class: type, task_name: str, overrides: Mapping[str, An
 
 
 def load_records(
-  task: Task, path: str | None, limit: int | None = None
+  task: Task, path: str | None, limit: int | None = None,
+  split: str | Sequence[str] | None = None,
 ) -> tuple[list[Record], ReadStats]:
   """Reads all records of `path` with `task.read` (up to `limit`), logging a summary.
+
+  `split` picks the split a folder of several is read by (io.TRAIN_SPLITS, io.EVAL_SPLITS; see
+  io.table_files); without it such a folder is refused. Repeated record ids are kept, counted
+  and warned about: ids name records in skips, metrics and saved completions.
 
   Raises:
     ValueError: when every row was skipped, since the path is then almost surely wrong.
   """
+  from metaphorstar_jax.tasks import io  # here: io imports this module
+
   stats = ReadStats(source=str(path) if path is not None else f"{task.name} (generated)")
   records = []
-  for record in task.read(path, stats):
+  for record in task.read(io.table_files(path, split) if path is not None else None, stats):
     records.append(record)
     if limit is not None and len(records) >= limit:
       break
   logging.info("%s", stats.summary())
+  if stats.duplicate_ids:
+    logging.warning("%s: %s. Records are named by id in skips, metrics and saved completions; "
+                    "give each row its own 'id'.", stats.source, stats.duplicates())
   if not records and stats.num_skipped:
     raise ValueError(f"No usable record in {stats.summary()}; check the path and the data layout.")
   return records, stats
@@ -176,16 +196,24 @@ def score_batch(
 
 
 def load_or_generate(task: Task, path: str | None, *, limit: int | None, scratch_dir: str,
-                     seed: int = 0, miniature_size: int = 16) -> tuple[list[Record], str]:
+                     seed: int = 0, miniature: bool = False, miniature_size: int = 16,
+                     field: str = "data.train") -> tuple[list[Record], str]:
   """(records, where they came from): `path` if given, else the task's own generated records
-  (tasks such as `shapes` read path None), else a synthetic miniature written under
-  `scratch_dir`, with a warning that its numbers mean nothing for the real benchmark."""
+  (tasks such as `shapes` read path None), else, when `miniature` is asked for, a synthetic
+  miniature written under `scratch_dir`, with a warning that its numbers mean nothing for the
+  real benchmark. A file-backed task with neither is an error naming `field`: on a pod, training
+  on a miniature by mistake wastes the whole allocation."""
   if path:
     return load_records(task, path, limit=limit)[0], str(path)
   try:
     return load_records(task, None, limit=limit)[0], "generated"
   except (TypeError, FileNotFoundError):
     pass  # a file-backed task: it needs data on disk
+  if not miniature:
+    raise ValueError(f"Task {task.name} reads its records from files and config.{field} is "
+                     f"empty. Pass --config.{field}=/path/to/data, or "
+                     f"--config.data.miniature=True to use a {limit or miniature_size}-record "
+                     "synthetic miniature (for trying the code; its numbers mean nothing).")
   folder = os.path.join(scratch_dir, f"{task.name}_miniature")
   written = task.write_miniature(folder, limit or miniature_size, seed)
   logging.warning("No data path for task %s: using a synthetic miniature at %s. Its numbers say "

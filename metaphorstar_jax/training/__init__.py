@@ -1,1 +1,2 @@
-"""Training machinery used by `metaphorstar_jax.train`: policy scoring, update steps, state I/O."""
+"""What `metaphorstar_jax.train` builds and runs, one concern per module; README.md lists them in
+reading order (one GRPO step is `grpo.py`)."""

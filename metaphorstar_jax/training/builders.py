@@ -12,7 +12,7 @@ from flax import nnx
 from metaphorstar_jax import data
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.models import qwen2_5_vl
-from metaphorstar_jax.tasks import get_task
+from metaphorstar_jax.tasks import Record, Task, get_task
 from metaphorstar_jax.tasks.records import load_or_generate
 from metaphorstar_jax.training import optimizer
 
@@ -53,20 +53,32 @@ def check_vocabulary(model, processor) -> None:
                      f"{model.config.image_token_id}; tokenizer and model do not belong together.")
 
 
+def eval_task(config) -> Task:
+  """The task evaluation scores with: data.task under eval_task_options (else task_options)."""
+  d = config.data
+  return get_task(d.task, **dict(d.eval_task_options or d.task_options))
+
+
+def eval_records(config, task: Task, scratch_dir: str) -> tuple[list[Record], str]:
+  """(records, where they came from): data.eval, else the task's generated records (drawn with
+  another seed than the training ones), else the miniature data.miniature asks for; at most
+  eval.num_examples (<= 0: all)."""
+  limit = int(config.eval.num_examples) if int(config.eval.num_examples) > 0 else None
+  return load_or_generate(task, config.data.eval or None, limit=limit, scratch_dir=scratch_dir,
+                          seed=config.seed + 1, miniature=config.data.miniature,
+                          field="data.eval")
+
+
 def load_data(config):
   """(task, training records, evaluation records); without data paths, tasks that generate their
-  own records do so and file-backed ones fall back to a synthetic miniature (with a warning)."""
+  own records do so, and file-backed ones need `data.miniature` for a synthetic miniature."""
   d = config.data
   scratch = os.path.join(config.workdir, "data")
   task = get_task(d.task, **dict(d.task_options))
   train_records, _ = load_or_generate(task, d.train or None, limit=None, scratch_dir=scratch,
-                                      seed=config.seed)
+                                      seed=config.seed, miniature=d.miniature)
   train_records = task.order(train_records, config.seed)
-  eval_task = get_task(d.task, **dict(d.eval_task_options or d.task_options))
-  limit = config.eval.num_examples if config.eval.num_examples > 0 else None
-  eval_records, _ = load_or_generate(eval_task, d.eval or None, limit=limit, scratch_dir=scratch,
-                                     seed=config.seed + 1)
-  return task, train_records, eval_records
+  return task, train_records, eval_records(config, eval_task(config), scratch)[0]
 
 
 def frozen_patterns(config) -> tuple[str, ...]:

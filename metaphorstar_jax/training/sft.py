@@ -18,7 +18,8 @@ from metaphorstar_jax.training.state import RunState
 def load_sft_records(task, path: str, scratch_dir: str, seed: int) -> list:
   """Supervised trajectories for an `sft` stage: the task's records read from `path`, each with
   the response to learn in its metadata 'target'."""
-  records, _ = load_or_generate(task, path, limit=None, scratch_dir=scratch_dir, seed=seed)
+  records, _ = load_or_generate(task, path, limit=None, scratch_dir=scratch_dir, seed=seed,
+                                field="stages[].sft_data")
   missing = [r.id for r in records if not r.metadata.get("target")]
   if missing:
     raise ValueError(f"{len(missing)} of the {len(records)} records in {path} have no 'target' "

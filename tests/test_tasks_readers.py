@@ -7,8 +7,10 @@ import io
 import json
 import logging
 import os
+import re
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -359,3 +361,115 @@ def test_image_loading_forms(tmp_path):
     with pytest.raises(task_io.RecordError):
       task_io.load_image_bytes(bad)
   assert task_io.to_pil(GOOD).size == (16, 12)
+
+
+# --- splits, text encodings, damaged files and repeated ids (issue 15, item 7) ------------------
+
+
+def tfq_row(problem, answer="T"):
+  return {"images": [image(GOOD)], "problem": problem, "answer": answer}
+
+
+def split_folder(root, splits):
+  """A Hugging Face layout: data/<split>-00000-of-00001.parquet with one row naming its split."""
+  for split in splits:
+    write_tfq_parquet(root / "data" / f"{split}-00000-of-00001.parquet", [tfq_row(f"a {split} row")])
+  return root
+
+
+def test_a_folder_of_several_splits_is_read_by_split(tmp_path):
+  folder = split_folder(tmp_path / "hf", ["train", "test"])
+  with pytest.raises(ValueError, match=r"splits test, train.*data/test-00000-of-00001\.parquet.*"
+                                       r"data/train-00000-of-00001\.parquet"):
+    load_records(get_task("tfq"), str(folder))  # read whole, test rows would be trained on
+  records, _ = load_records(get_task("tfq"), str(folder), split=task_io.TRAIN_SPLITS)
+  assert [r.prompt for r in records] == ["a train row"]  # no test row reaches training
+  records, _ = load_records(get_task("tfq"), str(folder), split=task_io.EVAL_SPLITS)
+  assert [r.prompt for r in records] == ["a test row"]
+  validation = split_folder(tmp_path / "bench", ["train", "validation"])
+  records, _ = load_records(get_task("tfq"), str(validation), split=task_io.EVAL_SPLITS)
+  assert [r.prompt for r in records] == ["a validation row"]
+  with pytest.raises(ValueError, match="none of the test split asked for"):
+    load_records(get_task("tfq"), str(validation), split="test")
+
+
+def test_a_folder_of_one_split_is_read_whole_and_stray_files_are_refused(tmp_path):
+  only_test = split_folder(tmp_path / "bench", ["test"])  # TFQ-Bench's layout
+  records, _ = load_records(get_task("tfq"), str(only_test), split=task_io.TRAIN_SPLITS)
+  assert [r.prompt for r in records] == ["a test row"]
+  mixed = split_folder(tmp_path / "mixed", ["train", "test"])
+  write_tfq_parquet(mixed / "data" / "extra.parquet", [tfq_row("a stray row")])
+  with pytest.raises(ValueError, match=r"files that name no split.*no split: data/extra\.parquet"):
+    load_records(get_task("tfq"), str(mixed), split="train")
+
+
+def test_split_names_follow_hugging_face():
+  assert task_io.split_of("data/train-00000-of-00001.parquet") == "train"
+  assert task_io.split_of("validation.jsonl") == "validation"
+  assert task_io.split_of("dev/part_0.jsonl") == "validation"
+  assert task_io.split_of("train/test-0.parquet") == "test"  # the word nearest the file wins
+  assert task_io.split_of("device_logs.jsonl") is None and task_io.split_of("x.parquet") is None
+
+
+def tfq_line(record_id, problem="Q"):
+  return json.dumps({"id": record_id, "images": ["a.png"], "problem": problem, "answer": "T"})
+
+
+def test_jsonl_text_is_strict_utf8_and_a_bad_line_is_a_counted_skip(tmp_path, caplog):
+  (tmp_path / "a.png").write_bytes(GOOD)
+  path = tmp_path / "tfq.jsonl"
+  latin1 = json.dumps({"id": "q2", "images": ["a.png"], "problem": "Très bien.", "answer": "T"},
+                      ensure_ascii=False).encode("latin-1")
+  path.write_bytes(b"\n".join([tfq_line("q1").encode(), latin1, tfq_line("q3").encode()]) + b"\n")
+  with caplog.at_level(logging.WARNING):
+    records, stats = read("tfq", path)
+  assert [r.id for r in records] == ["q1", "q3"]  # never the mangled text
+  assert stats.skipped == {"unreadable row": 1} and "not UTF-8" in caplog.text
+
+
+def test_a_byte_order_mark_costs_no_row(tmp_path):
+  (tmp_path / "a.png").write_bytes(GOOD)
+  jsonl = tmp_path / "tfq.jsonl"
+  jsonl.write_bytes(b"\xef\xbb\xbf" + f"{tfq_line('q1')}\n{tfq_line('q2')}\n".encode())
+  records, stats = read("tfq", jsonl)
+  assert [r.id for r in records] == ["q1", "q2"] and stats.num_skipped == 0
+  whole = tmp_path / "json" / "tfq.json"
+  whole.parent.mkdir()
+  (whole.parent / "a.png").write_bytes(GOOD)
+  whole.write_bytes(b"\xef\xbb\xbf" + f"[{tfq_line('q1')}]".encode())
+  assert [r.id for r in read("tfq", whole)[0]] == ["q1"]
+
+
+def test_a_damaged_parquet_page_names_its_file(tmp_path):
+  path = tmp_path / "big.parquet"
+  rows = [tfq_row(f"question {index} " * 20) for index in range(300)]
+  pq.write_table(pa.Table.from_pylist(rows), str(path), row_group_size=100)
+  damaged = bytearray(path.read_bytes())
+  page = pq.ParquetFile(str(path)).metadata.row_group(2).column(1).data_page_offset
+  damaged[page:page + 40] = bytes(byte ^ 0xFF for byte in damaged[page:page + 40])
+  path.write_bytes(bytes(damaged))
+  with pytest.raises(ValueError, match=re.escape(f"Cannot read parquet file {path} past row 192")):
+    read("tfq", path)
+
+
+@pytest.mark.parametrize("content, message", [
+  (b'[{"id": "q1",', "Cannot read JSON file {path}: Expecting"),
+  ('[{"problem": "Très"}]'.encode("latin-1"), "Cannot read JSON file {path}: 'utf-8' codec"),
+  (b"3", "JSON file {path} holds a int"),
+], ids=["truncated", "latin-1", "a number"])
+def test_a_bad_json_file_names_itself(tmp_path, content, message):
+  path = tmp_path / "rows.json"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=re.escape(message.format(path=path))):
+    read("tfq", path)
+
+
+def test_repeated_ids_are_counted_and_reported(tmp_path, caplog):
+  (tmp_path / "a.png").write_bytes(GOOD)
+  path = tmp_path / "tfq.jsonl"
+  path.write_text("\n".join(tfq_line(i) for i in ["q1", "q1", "q2", "q1", "q2", "q3"]) + "\n")
+  with caplog.at_level(logging.WARNING):
+    records, stats = load_records(get_task("tfq"), str(path))
+  assert len(records) == 6 and stats.duplicate_ids == {"q1": 2, "q2": 1}  # kept, counted
+  assert "3 records repeat an earlier id (e.g. 'q1' x3, 'q2' x2)" in caplog.text
+  assert "3 records repeat an earlier id" in stats.summary()

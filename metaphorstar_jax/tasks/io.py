@@ -1,5 +1,11 @@
 """Reading and writing task data: parquet and JSONL rows, images checked before use.
 
+A folder holding several splits (Hugging Face's `data/train-*.parquet` next to `data/test-*`) is
+read by split: the caller names the one it wants (training "train", evaluation "test" or else
+"validation"), and a caller that names none is refused, so test rows are never trained on. Text is
+UTF-8, strictly (a byte-order mark is allowed): a JSONL line that is not is a counted skip, a .json
+file that is not is an error. Every error about a file names it.
+
 Parquet needs pyarrow (imported only when a parquet file is touched). Images arrive as raw bytes,
 Hugging Face image structs {"bytes": ..., "path": ...}, file paths (relative to a list of root
 folders) or base64 strings; `load_image_bytes` returns the encoded bytes after decoding them once
@@ -10,11 +16,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
+import collections
 import contextlib
 import dataclasses
 import io
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +34,20 @@ from metaphorstar_jax.tasks.records import ReadStats, Record, RecordError
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json")
 PARQUET_BATCH_ROWS = 64
 _MAX_PATH_LENGTH = 4096
+# The words that name a split in a data file's path, as Hugging Face `datasets` reads them: a
+# keyword between separators (- _ . / or either end), e.g. data/train-00000-of-00001.parquet.
+SPLIT_KEYWORDS = {
+  "train": ("train", "training"),
+  "validation": ("validation", "valid", "val", "dev"),
+  "test": ("test", "testing", "eval", "evaluation"),
+}
+TRAIN_SPLITS = ("train",)
+EVAL_SPLITS = ("test", "validation")  # the first a folder holds is read
+_SPLIT_OF_KEYWORD = {word: split for split, words in SPLIT_KEYWORDS.items() for word in words}
+_SPLIT_WORD = re.compile(
+  r"(?:^|[-_./])(" + "|".join(sorted(_SPLIT_OF_KEYWORD, key=len, reverse=True)) + r")(?=[-_./]|$)"
+)
+_LISTED_FILES = 4  # an error lists this many files of each split, then a count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +64,32 @@ class Row:
     return f"{os.path.splitext(os.path.basename(self.source))[0]}-{self.index}"
 
 
-def table_files(path: str) -> list[str]:
-  """The data files `path` names: itself, or the parquet files under it (else its JSONL files)."""
+def split_of(relative_path: str) -> str | None:
+  """The split ("train", "validation", "test") a data file's path names, or None; the word
+  nearest the file name wins (train/test-0.parquet is "test")."""
+  words = _SPLIT_WORD.findall(relative_path.replace(os.sep, "/").lower())
+  return _SPLIT_OF_KEYWORD[words[-1]] if words else None
+
+
+def table_files(path: str | Sequence[str], split: str | Sequence[str] | None = None) -> list[str]:
+  """The data files `path` names: itself, the files of a list as given, or the parquet files
+  under a folder (else its JSONL, else its .json files).
+
+  Args:
+    path: a data file, a folder, or a list of data files (what `table_files` returned).
+    split: for a folder whose files name two or more splits, the split to read, or several in
+      order of preference (EVAL_SPLITS); a folder of one split, or none, is read whole.
+
+  Raises:
+    FileNotFoundError: no such path, or no data file under it.
+    ValueError: a folder of several splits without `split` (reading it whole would mix them),
+      without any of the splits asked for, or with files that name no split beside them. The
+      message lists the files.
+  """
+  if not isinstance(path, (str, os.PathLike)):
+    return [str(file) for file in path]
   if os.path.isfile(path):
-    return [path]
+    return [str(path)]
   if not os.path.isdir(path):
     raise FileNotFoundError(
       f"Data path {path!r} does not exist; pass a parquet/JSONL file or a folder."
@@ -55,15 +100,49 @@ def table_files(path: str) -> list[str]:
       suffix = os.path.splitext(name)[1]
       if suffix in found:
         found[suffix].append(os.path.join(folder, name))
-  for suffix in TABLE_SUFFIXES:
-    if found[suffix]:
-      return sorted(found[suffix])
-  raise FileNotFoundError(f"No .parquet, .jsonl or .json file under {path!r}.")
+  files = next((sorted(found[suffix]) for suffix in TABLE_SUFFIXES if found[suffix]), None)
+  if files is None:
+    raise FileNotFoundError(f"No .parquet, .jsonl or .json file under {path!r}.")
+  by_split = collections.defaultdict(list)
+  for file in files:
+    by_split[split_of(os.path.relpath(file, path))].append(file)
+  named = sorted(name for name in by_split if name is not None)
+  if len(named) < 2:
+    return files
+  wanted = (split,) if isinstance(split, str) else tuple(split or ())
+  unknown = [name for name in wanted if name not in SPLIT_KEYWORDS]
+  if unknown:
+    raise ValueError(f"Unknown split(s) {unknown}; the splits are {sorted(SPLIT_KEYWORDS)}.")
+  listing = _list_splits(path, by_split)
+  if None in by_split:
+    raise ValueError(f"{path} holds the splits {', '.join(named)} and files that name no split "
+                     f"({listing}). Point the data path at one split's files, or move the others.")
+  if not wanted:
+    raise ValueError(f"{path} holds the splits {', '.join(named)} ({listing}); read whole, they "
+                     "would be mixed (test rows trained on). Point the data path at one split's "
+                     "file or folder, or have the caller read it by split (split='train').")
+  chosen = next((name for name in wanted if name in by_split), None)
+  if chosen is None:
+    raise ValueError(f"{path} holds the splits {', '.join(named)} ({listing}), none of the "
+                     f"{' or '.join(wanted)} split asked for. Point the data path at the files "
+                     "to read.")
+  return by_split[chosen]
 
 
-def iter_rows(path: str) -> Iterator[Row]:
-  """Yields the rows of every data file `path` names, in file order then row order."""
-  for file in table_files(path):
+def _list_splits(root: str, by_split: Mapping[str | None, list[str]]) -> str:
+  """'train: data/train-0.parquet, ...; test: ...' with at most _LISTED_FILES names each."""
+  parts = []
+  for name, files in sorted(by_split.items(), key=lambda item: item[0] or ""):
+    shown = [os.path.relpath(file, root) for file in files[:_LISTED_FILES]]
+    more = f" and {len(files) - _LISTED_FILES} more" if len(files) > _LISTED_FILES else ""
+    parts.append(f"{name or 'no split'}: {', '.join(shown)}{more}")
+  return "; ".join(parts)
+
+
+def iter_rows(path: str | Sequence[str], split: str | Sequence[str] | None = None) -> Iterator[Row]:
+  """Yields the rows of every data file `path` names (see `table_files`), in file order then row
+  order."""
+  for file in table_files(path, split):
     if file.endswith(".parquet"):
       yield from _parquet_rows(file)
     elif file.endswith(".jsonl"):
@@ -81,20 +160,35 @@ def _parquet_rows(file: str) -> Iterator[Row]:
     parquet = pq.ParquetFile(file)
   except Exception as error:  # pyarrow raises several types for a damaged file
     raise ValueError(f"Cannot open parquet file {file}: {error}") from error
+  batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
   index = 0
-  for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-    for fields in batch.to_pylist():
+  while True:
+    try:
+      batch = next(batches, None)
+      rows = [] if batch is None else batch.to_pylist()
+    except Exception as error:  # a damaged page: OSError, ArrowInvalid, ...
+      raise ValueError(f"Cannot read parquet file {file} past row {index}: {error}") from error
+    if batch is None:
+      return
+    for fields in rows:
       yield Row(file, index, fields)
       index += 1
 
 
 def _jsonl_rows(file: str) -> Iterator[Row]:
-  with open(file, encoding="utf-8", errors="replace") as lines:
+  with open(file, "rb") as lines:  # bytes: each line is decoded on its own, strictly
     for index, line in enumerate(lines):
-      if not line.strip():
+      if index == 0 and line.startswith(codecs.BOM_UTF8):
+        line = line[len(codecs.BOM_UTF8):]
+      try:
+        text = line.decode("utf-8")
+      except UnicodeDecodeError as error:
+        yield Row(file, index, None, f"not UTF-8 text: {error}")
+        continue
+      if not text.strip():
         continue
       try:
-        fields = json.loads(line)
+        fields = json.loads(text)
       except json.JSONDecodeError as error:
         yield Row(file, index, None, f"malformed JSON line: {error}")
         continue
@@ -105,10 +199,17 @@ def _jsonl_rows(file: str) -> Iterator[Row]:
 
 
 def _json_rows(file: str) -> Iterator[Row]:
-  with open(file, encoding="utf-8") as handle:
-    data = json.load(handle)
+  with open(file, "rb") as handle:
+    data = handle.read()
+  try:
+    data = json.loads(data.decode("utf-8-sig"))  # -sig: a byte-order mark is allowed
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise ValueError(f"Cannot read JSON file {file}: {error}") from error
   if isinstance(data, dict):
     data = data.get("data", [data])
+  if not isinstance(data, list):
+    raise ValueError(f"JSON file {file} holds a {type(data).__name__}; expected a list of rows, "
+                     "an object with a 'data' list, or one row object.")
   for index, fields in enumerate(data):
     yield Row(
       file,
@@ -119,14 +220,19 @@ def _json_rows(file: str) -> Iterator[Row]:
 
 
 def read_records(
-  path: str, stats: ReadStats | None, parse: Callable[[Row, str], Record | list[Record]]
+  path: str | Sequence[str],
+  stats: ReadStats | None,
+  parse: Callable[[Row, str], Record | list[Record]],
 ) -> Iterator[Record]:
-  """Yields `parse(row, record_id)` for every row of `path`, counting skips in `stats`.
+  """Yields `parse(row, record_id)` for every row of `path` (a file, a folder of one split, or
+  the files `table_files` chose), counting skips and repeated record ids in `stats`.
 
-  A row is skipped (counted under its reason, logged with its id) when it cannot be read or
-  `parse` raises RecordError; `parse` may return one record or several.
+  A row is skipped (counted under its reason, logged with its id) when it cannot be read (not
+  UTF-8, not JSON, not an object) or `parse` raises RecordError; `parse` may return one record or
+  several. A record whose id an earlier one has is kept and counted in `stats.duplicate_ids`.
   """
   stats = stats if stats is not None else ReadStats(source=str(path))
+  seen_ids: set[str] = set()
   for row in iter_rows(path):
     record_id = str((row.fields or {}).get("id") or row.default_id)
     if row.fields is None:
@@ -138,6 +244,10 @@ def read_records(
       stats.skip(record_id, error.reason, error.detail)
       continue
     parsed = parsed if isinstance(parsed, list) else [parsed]
+    for record in parsed:
+      if record.id in seen_ids:
+        stats.duplicate_ids[record.id] += 1
+      seen_ids.add(record.id)
     stats.read += len(parsed)
     yield from parsed
 

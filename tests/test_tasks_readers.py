@@ -16,6 +16,7 @@ from PIL import Image
 
 from metaphorstar_jax.tasks import ReadStats, get_task, load_records
 from metaphorstar_jax.tasks import io as task_io
+from metaphorstar_jax.tasks.records import load_or_generate
 
 
 def png(colour=(200, 30, 30), size=(16, 12)) -> bytes:
@@ -391,6 +392,16 @@ def test_a_folder_of_several_splits_is_read_by_split(tmp_path):
   assert [r.prompt for r in records] == ["a validation row"]
   with pytest.raises(ValueError, match="none of the test split asked for"):
     load_records(get_task("tfq"), str(validation), split="test")
+
+
+def test_training_and_evaluation_data_are_read_by_split(tmp_path):
+  folder = str(split_folder(tmp_path / "hf", ["train", "test"]))
+  train, _ = load_or_generate(get_task("tfq"), folder, limit=None, scratch_dir=str(tmp_path),
+                              split=task_io.TRAIN_SPLITS)
+  held_out, _ = load_or_generate(get_task("tfq"), folder, limit=None, scratch_dir=str(tmp_path),
+                                 split=task_io.EVAL_SPLITS, field="data.eval")
+  assert [r.prompt for r in train] == ["a train row"]
+  assert [r.prompt for r in held_out] == ["a test row"]
 
 
 def test_a_folder_of_one_split_is_read_whole_and_stray_files_are_refused(tmp_path):

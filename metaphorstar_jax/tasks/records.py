@@ -197,14 +197,16 @@ def score_batch(
 
 def load_or_generate(task: Task, path: str | None, *, limit: int | None, scratch_dir: str,
                      seed: int = 0, miniature: bool = False, miniature_size: int = 16,
-                     field: str = "data.train") -> tuple[list[Record], str]:
-  """(records, where they came from): `path` if given, else the task's own generated records
+                     field: str = "data.train",
+                     split: str | Sequence[str] | None = None) -> tuple[list[Record], str]:
+  """(records, where they came from): `path` if given (a folder of several splits read by
+  `split`, see `load_records`), else the task's own generated records
   (tasks such as `shapes` read path None), else, when `miniature` is asked for, a synthetic
   miniature written under `scratch_dir`, with a warning that its numbers mean nothing for the
   real benchmark. A file-backed task with neither is an error naming `field`: on a pod, training
   on a miniature by mistake wastes the whole allocation."""
   if path:
-    return load_records(task, path, limit=limit)[0], str(path)
+    return load_records(task, path, limit=limit, split=split)[0], str(path)
   try:
     return load_records(task, None, limit=limit)[0], "generated"
   except (TypeError, FileNotFoundError):

@@ -261,9 +261,12 @@ def tfq_grpo(size: str, *, grad_accum_steps: int, smoke: bool = False) -> ml_col
 
   # The OSQ judge (§1.8): GPT-4o at temperature 0, top_p 0.9, image at detail "high", at least 3
   # repeats averaged. URL and key come from METAPHORSTAR_JUDGE_URL / METAPHORSTAR_JUDGE_API_KEY.
+  # timeout_s bounds each socket read, deadline_s a whole request (a server may trickle), and
+  # max_reply_bytes a reply (a grade is a few hundred bytes).
   config.judge = ml_collections.ConfigDict(dict(
       base_url="", model="gpt-4o-2024-11-20", api_key="", repeats=3, temperature=0.0, top_p=0.9,
-      image_detail="high", cache_path=""))
+      image_detail="high", cache_path="", timeout_s=60.0, deadline_s=120.0,
+      max_reply_bytes=1 << 20))
 
   if smoke:
     make_smoke(config)

@@ -43,7 +43,9 @@ setuptools.setup(
         # trl: the GRPOTrainer reference of bench/grpo_step.py.
         # libtpu: the TPU compiler, which metaphorstar_jax.plan runs on a CPU-only host to compile
         # for a TPU topology; pinned to the version jax[tpu]==0.10.2 asks for.
+        # mathruler: the reference of the math grader's tests; it declares no dependencies, and
+        # its grader imports sympy, pylatexenc and tqdm.
         "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis", "trl==1.16.0",
-                 "libtpu==0.0.42.*"],
+                 "libtpu==0.0.42.*", "mathruler==0.1.0", "sympy", "pylatexenc"],
     },
 )

@@ -37,6 +37,8 @@ setuptools.setup(
         "tensorboardX",
         "matplotlib",
         "tqdm",
+        # LaTeX to text in the math grader, as mathruler does it; 3.0 changes the parser's API.
+        "pylatexenc>=2.11,<3",
     ],
     extras_require={
         # The PyTorch reference for parity tests and benchmarks; never imported by the package.
@@ -44,8 +46,8 @@ setuptools.setup(
         # libtpu: the TPU compiler, which metaphorstar_jax.plan runs on a CPU-only host to compile
         # for a TPU topology; pinned to the version jax[tpu]==0.10.2 asks for.
         # mathruler: the reference of the math grader's tests; it declares no dependencies, and
-        # its grader imports sympy, pylatexenc and tqdm.
+        # its grader imports sympy (pylatexenc and tqdm are ours already).
         "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis", "trl==1.16.0",
-                 "libtpu==0.0.42.*", "mathruler==0.1.0", "sympy", "pylatexenc"],
+                 "libtpu==0.0.42.*", "mathruler==0.1.0", "sympy"],
     },
 )

@@ -8,20 +8,31 @@ EasyR1 reward functions (MetaphorStar's TFQ-GRPO among them, specs/seed_methods.
   (c) split into tuple elements, each pair is equal under `sympy.simplify` (guarded: at most two
       distinct letters, no `^{`), integers and unreduced fractions compared as strings.
 
-This module reproduces (a) and (b) step for step, and (c) for everything except genuine algebra.
-Where mathruler would ask sympy, we accept two elements only when they are the same string after
-dropping redundant outer parentheses, or the same finite number. So `((T))` and `0.50` vs `0.5`
-agree as in mathruler, while `T+0` vs `T` or `2T/2` vs `T` (which sympy simplifies to equal) do
-not. Why: sympy can hang on model output such as `9**9**9`, and a reward must always return.
-LaTeX in an answer goes through a small converter in place of pylatexenc: `\\cmd{x}` becomes `x`,
-except math alphabets (`\\mathbf{T}` is a bold Unicode letter in pylatexenc, so it never equals
-`T`) and `\\textsf`/`\\texttt` (dropped by pylatexenc).
+This module reproduces (a) and (b) step for step, LaTeX in an answer turned into text by
+pylatexenc as in mathruler, and (c) for everything except genuine algebra. It differs from
+mathruler in two places, both so that a reward always returns:
+
+  * sympy. mathruler hands the answer to `sympy_parser.parse_expr`, which runs it through Python's
+    `eval`, then to `sympy.simplify`; `9**9**9` passes its guard and never returns. (sympy's LaTeX
+    parser is no safer: `9^{9^{9}}` evaluates the power just the same.) Where mathruler would ask
+    sympy, we accept two elements only when they are the same string after dropping redundant
+    outer parentheses, or the same finite number. So `((T))` and `0.50` vs `0.5` agree as in
+    mathruler, while `T+0` vs `T` or `2T/2` vs `T` (which sympy simplifies to equal) do not.
+  * Bounded LaTeX. pylatexenc backtracks on unclosed groups: 18 nested `\\frac{` (108
+    characters) take it about a minute, and each further level multiplies that. We give up on the
+    LaTeX step, as mathruler does when pylatexenc raises, past a token budget linear in the
+    answer's length, past 32 nested groups, or on an answer over 2,048 characters. Within those
+    bounds the text is pylatexenc's own; past them mathruler may hang, or grade by how deep the
+    caller's stack is.
 """
 
 from __future__ import annotations
 
 import math
 import re
+
+from pylatexenc import latexwalker
+from pylatexenc.latex2text import LatexNodes2Text
 
 _TEXT_WRAPPED = re.compile(r"^\\text\{(?P<text>.+?)\}$")
 _UNITS = (
@@ -54,15 +65,18 @@ _UNSAFE_SUBSTRINGS = ("^{", "^(")
 _TUPLE_CHARS = "()[]"
 _MAX_SYMBOLS = 2  # mathruler refuses sympy on expressions with more distinct letters
 
-# pylatexenc renders these as Unicode letter variants, which never equal plain answers.
-_MATH_ALPHABETS = frozenset(
-  {"mathbf", "mathit", "mathbb", "mathcal", "mathsf", "mathtt", "mathfrak", "mathscr", "boldsymbol"}
-)
-_DROPPED_MACROS = frozenset({"textsf", "texttt"})
-_MACRO_WITH_ARGUMENT = re.compile(r"\\([a-zA-Z]+)\s*\{([^{}]*)\}")
-_FRACTION_MACRO = re.compile(r"\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
-_BARE_MACRO = re.compile(r"\\[a-zA-Z]+|\\[,;:! ]")
-_MAX_LATEX_PASSES = 32  # nesting depth we unwrap; deeper input is left as is
+# Bounds on the LaTeX step (module doc). Well-formed LaTeX reads at most two tokens a character;
+# each unclosed group doubles what pylatexenc reads, so the fixed part lets some six through.
+# Worst case, about a third of a second per answer on one CPU core.
+_MAX_LATEX_CHARS = 2048  # a longer answer skips the step; no ground truth is near that long
+_LATEX_TOKENS_PER_CHAR = 4
+_LATEX_TOKENS_FIXED = 1024
+# Nested groups, environments and math modes. Past some hundred levels pylatexenc hits Python's
+# recursion limit, at a depth that depends on the caller's stack; this keeps the result fixed.
+_MAX_LATEX_DEPTH = 32
+# Built once: each costs a few hundred microseconds, and neither changes while converting.
+_LATEX_CONTEXT = latexwalker.get_default_latex_context_db()
+_LATEX_TO_TEXT = LatexNodes2Text()
 
 
 class _Unnormalisable(Exception):
@@ -199,34 +213,51 @@ def _text_is_int(text: str) -> bool:
     return False
 
 
-def _latex_to_text(expr: str) -> str:
-  """A small stand-in for pylatexenc's LatexNodes2Text on short answers (see module doc)."""
-  expr = expr.replace("\\\\", "\n")  # a LaTeX line break
-  for _ in range(_MAX_LATEX_PASSES):
-    unwrapped = _FRACTION_MACRO.sub(r"\1/\2", expr)
-    unwrapped = _MACRO_WITH_ARGUMENT.sub(_render_macro, unwrapped)
-    if unwrapped == expr:
-      break
-    expr = unwrapped
-  expr = expr.replace("\\(", "").replace("\\)", "").replace("\\[", " ").replace("\\]", " ")
-  return _BARE_MACRO.sub(" ", expr).replace("\\", "")
+class _LatexTooComplex(Exception):
+  """Raised by _BoundedWalker past its token budget or nesting depth."""
 
 
-def _render_macro(match: re.Match) -> str:
-  name, argument = match.group(1), match.group(2)
-  if name in _MATH_ALPHABETS:
-    # A private-use character per letter: distinct from any plain answer, as in pylatexenc.
-    return "".join(chr(0xE000 + ord(c) % 0x1000) if c.isalnum() else c for c in argument)
-  if name in _DROPPED_MACROS:
-    return ""
-  if name == "sqrt":
-    return f"sqrt({argument})"
-  return argument
+class _BoundedWalker(latexwalker.LatexWalker):
+  """pylatexenc's parser, which gives up (raises _LatexTooComplex) past the bounds above."""
+
+  def __init__(self, latex: str):
+    super().__init__(latex, latex_context=_LATEX_CONTEXT)
+    self._tokens_left = _LATEX_TOKENS_PER_CHAR * len(latex) + _LATEX_TOKENS_FIXED
+    self._depth = 0
+
+  def get_token(self, *args, **kwargs):
+    self._tokens_left -= 1
+    if self._tokens_left < 0:
+      raise _LatexTooComplex
+    return super().get_token(*args, **kwargs)
+
+  def get_latex_nodes(self, *args, **kwargs):
+    if self._depth >= _MAX_LATEX_DEPTH:
+      raise _LatexTooComplex
+    self._depth += 1
+    try:
+      return super().get_latex_nodes(*args, **kwargs)
+    finally:
+      self._depth -= 1
 
 
-def _parse_latex(expr: str) -> str:
+def _latex_to_text(latex: str) -> str | None:
+  """pylatexenc's `LatexNodes2Text().latex_to_text(latex)`; None where it fails or is bounded."""
+  if len(latex) > _MAX_LATEX_CHARS:
+    return None
+  try:
+    nodes, _, _ = _BoundedWalker(latex).get_latex_nodes()
+    return _LATEX_TO_TEXT.nodelist_to_text(nodes)
+  except Exception:  # pylatexenc raises KeyError, TypeError, ... on malformed input; mathruler too
+    return None
+
+
+def _parse_latex(expr: str) -> str | None:
+  """mathruler's `_parse_latex`: LaTeX to sympy-like text; None where the conversion fails."""
   expr = expr.replace("\\tfrac", "\\frac").replace("\\dfrac", "\\frac")
-  expr = _latex_to_text(expr)
+  text = _latex_to_text(expr.replace("\\frac", " \\frac"))  # a mixed number 1\frac12 -> "1 1/2"
+  if text is None:
+    return None
   for symbol, name in (
     ("√", "sqrt"),
     ("π", "pi"),
@@ -235,8 +266,8 @@ def _parse_latex(expr: str) -> str:
     ("·", "*"),
     ("×", "*"),
   ):
-    expr = expr.replace(symbol, name)
-  return expr.strip()
+    text = text.replace(symbol, name)
+  return text.strip()
 
 
 def normalize_answer(expr: str | None) -> str | None:
@@ -258,7 +289,8 @@ def normalize_answer(expr: str | None) -> str | None:
   if _is_float(expr) and _is_integral(float(expr)):
     expr = str(int(round(float(expr))))
   if "\\" in expr:
-    expr = _parse_latex(expr)
+    text = _parse_latex(expr)
+    expr = expr if text is None else text  # mathruler keeps the answer when pylatexenc fails
   expr = _MINUS_SPACE.sub("-", expr)
   expr = _MIXED_NUMBER.sub("\\1+\\2", expr)
   expr = expr.replace(" ", "").replace("{", "").replace("}", "").lower()

@@ -47,8 +47,8 @@ from metaphorstar_jax import rl
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
-from metaphorstar_jax.tasks import Record, Task, get_task, load_records
-from metaphorstar_jax.tasks.records import load_or_generate
+from metaphorstar_jax.data.pipeline import Example, collate, screen_records
+from metaphorstar_jax.tasks import Record, Task
 from metaphorstar_jax.training import builders, checkpoints
 from metaphorstar_jax.training.checkpoints import checkpoint_location
 
@@ -112,24 +112,24 @@ def sampling_config(config, mode: str | None = None) -> SamplingConfig:
 
 # --- generating and scoring ---------------------------------------------------------------------
 
-def generate(task: Task, records: Sequence[Record], processor, sampler: Sampler, params=None, *,
+def generate(examples: Sequence[Example], processor, sampler: Sampler, params=None, *,
              batch_size: int, num_samples: int = 1, key=None,
              progress: bool = False) -> list[list[str]]:
-  """texts[k][i]: the k-th of `num_samples` completions of records[i].
+  """texts[k][i]: the k-th of `num_samples` completions of examples[i] (screened records, see
+  data.pipeline.screen_records).
 
   The K samples of a record come from one prefill whose cache they share (group_size=K).
   """
   key = jax.random.key(0) if key is None else key
   stops = set(sampler.config.stop_token_ids)
   texts: list[list[str]] = [[] for _ in range(num_samples)]
-  starts = range(0, len(records), batch_size)
+  starts = range(0, len(examples), batch_size)
   if progress:
     from tqdm import tqdm
     starts = tqdm(starts, desc="evaluate", dynamic_ncols=True)
   for start in starts:
-    chunk = records[start:start + batch_size]
-    batch = processor([task.build_conversation(r) for r in chunk])
-    rollouts = sampler(batch, group_size=num_samples, key=jax.random.fold_in(key, start),
+    chunk = examples[start:start + batch_size]
+    rollouts = sampler(collate(chunk, sampler.pad_id), group_size=num_samples, key=jax.random.fold_in(key, start),
                        state=params)
     tokens_BN = sharding_lib.to_host(rollouts.tokens_BN)
     lengths_B = sharding_lib.to_host(rollouts.lengths_B)
@@ -188,16 +188,28 @@ def check_repeats(num_samples: int, sampling: SamplingConfig) -> None:
 
 
 def evaluate_records(task: Task, records: Sequence[Record], processor, sampler: Sampler,
-                     params=None, *, batch_size: int, num_samples: int = 1, seed: int = 0,
-                     judge: judge_lib.Judge | None = None, progress: bool = False) -> dict:
-  """Generates `num_samples` completions per record and scores each repeat.
+                     params=None, *, batch_size: int, max_prompt_tokens: int,
+                     num_samples: int = 1, seed: int = 0, judge: judge_lib.Judge | None = None,
+                     progress: bool = False) -> dict:
+  """Generates `num_samples` completions per record and scores each repeat. Records training
+  would skip (bad images, missing fields, prompts over `max_prompt_tokens`) are skipped and
+  counted here too.
 
   Returns:
     {"metrics": mean over repeats, "metrics_std": their spread, "repeats": per-repeat metrics,
-     "completions": one dict per (repeat, record)}.
+     "completions": one dict per (repeat, record), "num_scored", "skipped": {kind: count}}.
   """
   check_repeats(num_samples, sampler.config)
-  texts = generate(task, records, processor, sampler, params, batch_size=batch_size,
+  examples, skipped = screen_records(records, processor, task.build_conversation,
+                                     max_prompt_tokens)
+  if not examples:
+    raise ValueError(f"All {len(records)} evaluation records were skipped ({dict(skipped)}); "
+                     "see the warnings above for each record's reason.")
+  if skipped:
+    logging.warning("Evaluation skipped %d of %d records (%s); its metrics cover the other %d.",
+                    sum(skipped.values()), len(records), dict(skipped), len(examples))
+  records = [e.record for e in examples]
+  texts = generate(examples, processor, sampler, params, batch_size=batch_size,
                    num_samples=num_samples, key=jax.random.key(seed), progress=progress)
   repeats, completions = [], []
   for k, repeat_texts in enumerate(texts):
@@ -205,7 +217,8 @@ def evaluate_records(task: Task, records: Sequence[Record], processor, sampler: 
     repeats.append(metrics)
     completions += [{"repeat": k, **d} for d in details]
   means, stds = mean_over_repeats(repeats)
-  return {"metrics": means, "metrics_std": stds, "repeats": repeats, "completions": completions}
+  return {"metrics": means, "metrics_std": stds, "repeats": repeats, "completions": completions,
+          "num_scored": len(records), "skipped": dict(skipped)}
 
 
 def make_judge(config, task: Task, output_dir: str | None) -> tuple[judge_lib.Judge | None, str]:
@@ -309,13 +322,17 @@ def run_evaluation(config: ml_collections.ConfigDict, params=None, *,
   logging.info("Evaluating %s on %d %s records (%s), %d sample(s) each.", model_label,
                len(records), task.name, data_source, num_samples)
   found = evaluate_records(task, records, processor, sampler, params,
-                           batch_size=int(config.eval.batch_size), num_samples=num_samples,
-                           seed=int(config.seed), judge=judge, progress=progress)
+                           batch_size=int(config.eval.batch_size),
+                           max_prompt_tokens=int(config.data.max_prompt_tokens),
+                           num_samples=num_samples, seed=int(config.seed), judge=judge,
+                           progress=progress)
   sampling_used = sampler.config
   result = {
       "tag": tag,
       "task": task.name,
       "num_records": len(records),
+      "num_scored": found["num_scored"],
+      "skipped": found["skipped"],
       "data": data_source,
       "model": model_label,
       "step": step,

@@ -79,8 +79,8 @@ def train(config: ml_collections.ConfigDict) -> dict:
   def run_eval(tag: str) -> dict:
     found = evaluate_lib.evaluate_records(
         task, eval_records, processor, eval_sampler, run.params,
-        batch_size=config.eval.batch_size, num_samples=config.eval.num_samples,
-        seed=config.seed, judge=eval_judge)["metrics"]
+        batch_size=config.eval.batch_size, max_prompt_tokens=config.data.max_prompt_tokens,
+        num_samples=config.eval.num_samples, seed=config.seed, judge=eval_judge)["metrics"]
     logging.info("Evaluation (%s, step %d): %s", tag, run.global_step,
                  json.dumps({k: round(v, 4) for k, v in found.items()}))
     writer.write(run.global_step, {f"eval/{k}": v for k, v in found.items()})

@@ -199,3 +199,24 @@ def test_repeats_of_greedy_decoding_are_refused_naming_the_cause():
   sampling = evaluate.sampling_config(config, "validation")
   with pytest.raises(ValueError, match="eval.temperature resolves to 0"):
     evaluate.check_repeats(3, sampling)
+
+
+def test_evaluation_skips_and_counts_what_training_would_skip(tmp_path):
+  """A 20000×20 image passed the reader and crashed evaluation (training skips it), and
+  evaluation records had no prompt-length check; both are counted skips now, and the other
+  records are scored."""
+  import dataclasses
+
+  from PIL import Image
+  config = train_config("tfq_grpo_tiny.py")
+  config.eval.num_examples = 4
+  config.workdir = str(tmp_path / "run")
+  task, _, records = builders.load_data(config)
+  sliver = Image.new("RGB", (20, 20000))
+  long_prompt = dataclasses.replace(records[2], id="long", prompt="word " * 5000)
+  records = [records[0], dataclasses.replace(records[1], id="sliver", images=(sliver,)),
+             long_prompt, records[3]]
+  result = evaluate.run_evaluation(config, task=task, records=records, write=False)
+  assert result["skipped"] == {"ValueError": 1, "too_long": 1}
+  assert result["num_records"] == 4 and result["num_scored"] == 2
+  assert [c["id"] for c in result["completions"]] == [records[0].id, records[3].id]

@@ -163,3 +163,21 @@ class PromptStream:
     self._iterator.set_state(state["iterator"])
     self.skipped = collections.Counter(state.get("skipped", {}))
     self.consumed = int(state.get("consumed", 0))
+
+
+def screen_records(records: Sequence[Any], processor: ChatProcessor, build_conversation: Callable,
+                   max_prompt_tokens: int) -> tuple[list[Example], collections.Counter]:
+  """The records that pass training's guards (their images decode and are sane, their fields
+  are there, the prompt fits `max_prompt_tokens`) as examples, in order, and the skips counted
+  by kind; each skip is logged with its record's id. Evaluation reads its records through this,
+  so a record training would skip never crashes an evaluation."""
+  prepare = _Prepare(processor, build_conversation, max_prompt_tokens)
+  examples, skipped = [], collections.Counter()
+  for record in records:
+    item = prepare(record)
+    if isinstance(item, Skipped):
+      skipped[item.kind] += 1
+      logging.warning("Skipping record %s: %s", item.record_id, item.reason)
+    else:
+      examples.append(item)
+  return examples, skipped

@@ -27,8 +27,8 @@ retries and error messages in a few lines.
 
 Robustness:
 * Server errors (HTTP 5xx, 429), connection errors and timeouts are retried with exponential
-  backoff (at least as long as a `Retry-After` asks, in seconds or as an HTTP date); after the last
-  retry a JudgeError says what failed and where.
+  backoff, waiting as long as a `Retry-After` asks (seconds or an HTTP date; up to
+  `max_backoff_s`); after the last retry a JudgeError says what failed and where.
 * Each request has a wall-clock deadline (`deadline_s`) besides the per-read `timeout_s`: a
   server that trickles its reply a byte at a time never times a read out, so a watchdog closes
   the socket when the deadline passes.

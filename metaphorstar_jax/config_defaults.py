@@ -92,8 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   # stage and at its last step (0: never), and after the last stage (`at_end`). dtype on disk:
   # '' keeps the parameter dtype, or 'bfloat16' / 'float16' / 'float32'.
   config.export = ml_collections.ConfigDict(dict(every=0, at_end=False, dtype=""))
+  # verbose: also print libraries' INFO lines (Orbax, grain); their warnings always show.
   config.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb_project="",
-                                              progress_bar=True, plot=True))
+                                              progress_bar=True, plot=True, verbose=False))
   # The ahead-of-time plan (python -m metaphorstar_jax.plan): `check_fit` makes train compile
   # every program first and refuse a step that cannot fit; worst-case prompts carry
   # `images_per_prompt` square images of `image_pixels` (0: image.max_pixels).

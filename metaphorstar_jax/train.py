@@ -30,7 +30,7 @@ from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.pipeline import PromptStream
 from metaphorstar_jax.sampling import Sampler
 from metaphorstar_jax.training import builders, checkpoints, grpo, learner as learner_lib
-from metaphorstar_jax.training import metrics as metrics_lib, sft, validation
+from metaphorstar_jax.training import metrics as metrics_lib, sft, terminal, validation
 from metaphorstar_jax.training import workdir as workdir_lib
 from metaphorstar_jax.training.objective import draw_size
 from metaphorstar_jax.training.state import RunState, checkpoint_arrays, restore_into
@@ -176,6 +176,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   config_files.merge_dict_overrides(config, flags.FLAGS["config"], sys.argv, DEFAULT_CONFIG)
+  terminal.quiet_library_logs(config.log.verbose)
   sharding_lib.initialize_distributed(**config.distributed.to_dict())
   start = time.perf_counter()
   results = train(config)

@@ -9,7 +9,7 @@ import os
 import ml_collections
 import pytest
 
-from metaphorstar_jax import config_defaults as common, evaluate, rl
+from metaphorstar_jax import config_defaults as common, evaluate, rl, train
 from metaphorstar_jax.training import objective as objective_lib
 from metaphorstar_jax.tasks import get_task
 

@@ -66,14 +66,16 @@ def train(config: ml_collections.ConfigDict) -> dict:
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   max_to_keep=config.checkpoint.keep,
                                   async_save=config.checkpoint.async_save)
+  resume_step = ckpt.latest_step() if config.checkpoint.resume else None
+  resume_meta = ckpt.restore_meta(resume_step) if resume_step is not None else None
+  # The history keeps the rows up to the restored step (none when nothing is restored).
   writer = metrics_lib.MetricsWriter(workdir, total_steps=sum(s.steps for s in config.stages),
                                      use_tensorboard=config.log.tensorboard,
                                      wandb_project=config.log.wandb_project or None,
-                                     config=config.to_dict(), progress_bar=config.log.progress_bar)
+                                     config=config.to_dict(), progress_bar=config.log.progress_bar,
+                                     resume_step=resume_step or 0)
   run = RunState(params=params, opt_state=None, ref_params=None, global_step=0, stage_index=0,
                  stage_step=0)
-  resume_step = ckpt.latest_step() if config.checkpoint.resume else None
-  resume_meta = ckpt.restore_meta(resume_step) if resume_step is not None else None
   results: dict[str, Any] = {"evaluations": [], "exports": []}
 
   def run_eval(tag: str) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_judge import JudgeServer
+from helpers import JudgeServer
 
 from metaphorstar_jax import evaluate, judge as judge_lib, sharding as sharding_lib
 from metaphorstar_jax.training import builders
@@ -220,3 +220,26 @@ def test_evaluation_skips_and_counts_what_training_would_skip(tmp_path):
   assert result["skipped"] == {"ValueError": 1, "too_long": 1}
   assert result["num_records"] == 4 and result["num_scored"] == 2
   assert [c["id"] for c in result["completions"]] == [records[0].id, records[3].id]
+
+
+def test_a_split_folder_keeps_test_rows_out_of_training(tmp_path):
+  """A Hugging Face-style folder (data/train-*.parquet beside data/test-*.parquet) was read as one
+  dataset, so test rows were trained on."""
+  import shutil
+
+  import pandas as pd
+  tfq = get_task("tfq")
+  written = tfq.write_miniature(str(tmp_path / "mini"), 6, 0)
+  rows = pd.read_parquet(written)
+  folder = tmp_path / "TFQ" / "data"
+  folder.mkdir(parents=True)
+  rows.iloc[:4].to_parquet(folder / "train-00000-of-00001.parquet")
+  rows.iloc[4:].to_parquet(folder / "test-00000-of-00001.parquet")
+  config = train_config("tfq_grpo_7b.py")
+  config.workdir = str(tmp_path / "run")
+  config.data.train = config.data.eval = str(tmp_path / "TFQ")
+  _, train_records, eval_records = builders.load_data(config)
+  train_ids, eval_ids = {r.id for r in train_records}, {r.id for r in eval_records}
+  assert train_ids and eval_ids and not train_ids & eval_ids
+  assert len(train_records) < len(rows) and len(eval_records) < len(rows)
+  shutil.rmtree(tmp_path / "mini")

@@ -13,6 +13,7 @@ from metaphorstar_jax import data
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.tasks import Record, Task, get_task
+from metaphorstar_jax.tasks import io as task_io
 from metaphorstar_jax.tasks.records import load_or_generate
 from metaphorstar_jax.training import optimizer
 
@@ -66,7 +67,7 @@ def eval_records(config, task: Task, scratch_dir: str) -> tuple[list[Record], st
   limit = int(config.eval.num_examples) if int(config.eval.num_examples) > 0 else None
   return load_or_generate(task, config.data.eval or None, limit=limit, scratch_dir=scratch_dir,
                           seed=config.seed + 1, miniature=config.data.miniature,
-                          field="data.eval")
+                          field="data.eval", split=task_io.EVAL_SPLITS)
 
 
 def load_data(config):
@@ -76,7 +77,8 @@ def load_data(config):
   scratch = os.path.join(config.workdir, "data")
   task = get_task(d.task, **dict(d.task_options))
   train_records, _ = load_or_generate(task, d.train or None, limit=None, scratch_dir=scratch,
-                                      seed=config.seed, miniature=d.miniature)
+                                      seed=config.seed, miniature=d.miniature,
+                                      split=task_io.TRAIN_SPLITS)
   train_records = task.order(train_records, config.seed)
   return task, train_records, eval_records(config, eval_task(config), scratch)[0]
 

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from metaphorstar_jax.tasks import io as task_io
 from metaphorstar_jax.tasks.records import load_or_generate
 from metaphorstar_jax.training.batching import micro_batches, minibatch_metrics, prompt_subsets
 from metaphorstar_jax.training.learner import Learner
@@ -19,7 +20,7 @@ def load_sft_records(task, path: str, scratch_dir: str, seed: int) -> list:
   """Supervised trajectories for an `sft` stage: the task's records read from `path`, each with
   the response to learn in its metadata 'target'."""
   records, _ = load_or_generate(task, path, limit=None, scratch_dir=scratch_dir, seed=seed,
-                                field="stages[].sft_data")
+                                field="stages[].sft_data", split=task_io.TRAIN_SPLITS)
   missing = [r.id for r in records if not r.metadata.get("target")]
   if missing:
     raise ValueError(f"{len(missing)} of the {len(records)} records in {path} have no 'target' "

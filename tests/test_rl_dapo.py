@@ -33,15 +33,6 @@ def test_filter_with_flat_groups_padding_and_singletons():
                                 [True, True, False, False, True, False, True, False])
 
 
-def test_take_kept_groups_trims_to_the_wanted_count_under_jit():
-  keep = jnp.array([False, True, True, False, True, True, True])
-  indices, filled = jax.jit(rl.take_kept_groups, static_argnums=1)(keep, 3)
-  np.testing.assert_array_equal(np.asarray(indices), [1, 2, 4])
-  assert bool(jnp.all(filled))
-  indices, filled = rl.take_kept_groups(keep, 7)
-  np.testing.assert_array_equal(np.asarray(indices)[:5], [1, 2, 4, 5, 6])
-  np.testing.assert_array_equal(np.asarray(filled), [1, 1, 1, 1, 1, 0, 0])
-
 
 def test_draw_more_decision():
   enough = rl.dynamic_sampling_decision(64, 64, 1, 10)

@@ -12,7 +12,6 @@ from metaphorstar_jax.tasks import (
   Record,
   get_task,
   load_records,
-  score_batch,
   task_names,
   write_miniature,
 )
@@ -226,14 +225,3 @@ def test_load_records_rejects_an_all_bad_source(tmp_path):
   path.write_text('{"problem": "x"}\n{"answer": "T"}\n')
   with pytest.raises(ValueError, match="No usable record"):
     load_records(get_task("tfq"), str(path))
-
-
-def test_score_batch(miniatures):
-  task = get_task("shapes")
-  records, _ = load_records(task, miniatures["shapes"], limit=3)
-  completions = [oracle("shapes", r) for r in records[:2]] + ["nothing"]
-  rewards = score_batch(task, completions, records)
-  assert sorted(rewards) == ["accuracy", "format", "overall"]
-  np.testing.assert_array_equal(rewards["overall"], np.array([1.0, 1.0, 0.0], np.float32))
-  with pytest.raises(ValueError, match="one per record"):
-    score_batch(task, completions[:1], records)

@@ -95,11 +95,7 @@ def test_mcq_prompt_and_metrics():
   assert task.score(completion("B"), record)["overall"] == 1.0
 
 
-def test_osq_judge_parsing():
-  assert tfq.parse_judge_score("[4 points]") == 4
-  assert tfq.parse_judge_score("Rating: [3 points] of 5") == 3
-  assert tfq.parse_judge_score("no number") == 0
-  assert tfq.parse_judge_score(None) == 0
+def test_osq_scores_the_format_only_without_a_judge():
   record = Record("o", (RED,), "What is the implication in this image?", "Hope.")
   assert get_task("tfq_osq").score(completion("Hope"), record) == {"overall": 0.0, "format": 1.0}
   assert tfq.osq_metrics([completion("Hope"), "plain"], [record, record])["format_rate"] == 0.5

@@ -4,8 +4,7 @@ Everything here is jit-able with static shapes and a static config, and has no P
 flow on array values. A trainer's step, in order (B = P·G rows, row b = prompt b // G):
 
   cfg = rl.preset("metaphorstar")  # cfg.loss: LossConfig, cfg.rollout: RolloutConfig
-  # (DAPO) after each generation batch: rl.filter_groups_mask, rl.dynamic_sampling_decision,
-  # then rl.take_kept_groups to trim to the wanted number of groups.
+  # (DAPO) after each generation batch: rl.filter_groups_mask, rl.dynamic_sampling_decision.
   rewards_B = rl.shape_rewards(cfg.loss, cfg.rollout, rewards_B, lengths_B)
   rewards_B, _ = rl.kl_in_reward(cfg.loss, kl_coef, rewards_B, old_logprobs_BT, ref_logprobs_BT,
                                  mask_BT)
@@ -27,8 +26,7 @@ from metaphorstar_jax.rl.aggregation import aggregate, masked_mean
 from metaphorstar_jax.rl.config import (ADV_ESTIMATORS, KL_TYPES, LOSS_AGG_MODES, LOSS_MODES,
                                         PRESET_NAMES, LossConfig, RLPreset, RolloutConfig, preset)
 from metaphorstar_jax.rl.dapo import (DrawDecision, dynamic_sampling_decision, filter_groups_mask,
-                                      loss_mask, mask_truncated, overlong_penalty, shape_rewards,
-                                      take_kept_groups)
+                                      loss_mask, mask_truncated, overlong_penalty, shape_rewards)
 from metaphorstar_jax.rl.kl import (adaptive_kl_coef, kl_estimate, kl_in_reward, kl_loss,
                                     kl_penalized_rewards, next_kl_coef)
 from metaphorstar_jax.rl.logprobs import entropy_from_logits, token_logprobs
@@ -46,5 +44,5 @@ __all__ = [
     "join_branches", "kl_estimate", "kl_in_reward", "kl_loss",
     "kl_penalized_rewards", "loss_mask", "mask_truncated", "masked_mean", "next_kl_coef",
     "overlong_penalty", "policy_log_ratio", "policy_loss", "preset", "rloo_advantages",
-    "sequence_log_ratio", "shape_rewards", "take_kept_groups", "tis_weights", "token_logprobs",
+    "sequence_log_ratio", "shape_rewards", "tis_weights", "token_logprobs",
 ]

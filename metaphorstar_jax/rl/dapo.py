@@ -9,7 +9,7 @@ verl#3200):
 - clip-higher: `clip_ratio_high` > `clip_ratio_low` (losses).
 - token-level loss: `loss_agg_mode="token-mean"` (aggregation).
 - dynamic sampling: `filter_groups` and `max_num_gen_batches`, via `filter_groups_mask`,
-  `dynamic_sampling_decision` and `take_kept_groups` below.
+  `dynamic_sampling_decision` below.
 - soft overlong punishment: `overlong_buffer*`, via `overlong_penalty`, counted in tokens.
 - overlong filtering: `mask_truncated_completions`, via `mask_truncated`. The DAPO recipe leaves it
   off.
@@ -53,24 +53,6 @@ def filter_groups_mask(values, group_ids_B=None, num_groups=None, valid_B=None):
   count_K = jax.ops.segment_sum(valid_B.astype(jnp.int32), ids_B, num_segments=num_groups)
   keep_K = (count_K == 1) | ((count_K > 1) & (high_K > low_K))
   return keep_K, keep_K[ids_B] & valid_B
-
-
-def take_kept_groups(keep_P, num_wanted: int):
-  """Indices of the first `num_wanted` kept groups, for trimming an accumulated batch (verl keeps
-  the first train_batch_size groups).
-
-  Args:
-    keep_P: [P] bool over all groups drawn so far, in draw order.
-    num_wanted: N, static.
-
-  Returns:
-    (indices_N int32 [N], filled_N bool [N]); where fewer than N groups are kept the tail of
-    `indices_N` is 0 and `filled_N` False.
-  """
-  keep_P = jnp.asarray(keep_P, bool)
-  (indices_N,) = jnp.nonzero(keep_P, size=num_wanted, fill_value=0)
-  filled_N = jnp.arange(num_wanted) < jnp.sum(keep_P)
-  return indices_N.astype(jnp.int32), filled_N
 
 
 class DrawDecision(NamedTuple):

@@ -9,7 +9,6 @@ import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 from absl import logging
 
 Conversation = list[dict[str, Any]]
@@ -173,26 +172,6 @@ def load_records(
   if not records and stats.num_skipped:
     raise ValueError(f"No usable record in {stats.summary()}; check the path and the data layout.")
   return records, stats
-
-
-def score_batch(
-  task: Task, completions: Sequence[Any], records: Sequence[Record]
-) -> dict[str, np.ndarray]:
-  """Scores completion i against records[i] for all i.
-
-  Returns:
-    {component: float32 array (N,)} for every component any score returned ("overall" always);
-    a component a score lacks counts 0 there (e.g. "scoring_error" on the rare guarded failure).
-  """
-  if len(completions) != len(records):
-    raise ValueError(
-      f"Got {len(completions)} completions for {len(records)} records; pass one per record."
-    )
-  scores = [task.score(completion, record) for completion, record in zip(completions, records)]
-  names = sorted({name for score in scores for name in score} | {"overall"})
-  return {
-    name: np.array([score.get(name, 0.0) for score in scores], dtype=np.float32) for name in names
-  }
 
 
 def load_or_generate(task: Task, path: str | None, *, limit: int | None, scratch_dir: str,

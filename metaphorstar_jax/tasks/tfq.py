@@ -17,7 +17,7 @@ inference prompts are not released; ours ask for the same <think>/<answer> layou
 
 Metrics (evaluation/eval_TFQ.py, eval_MCQ.py): per-question accuracy, the headline per-image
 all-or-nothing accuracy (an image counts only if all its questions are right), and empty answers.
-OSQ needs an LLM judge (GPT-4o with a 1-5 rubric); `parse_judge_score` reads its reply.
+OSQ needs an LLM judge (GPT-4o with a 1-5 rubric); metaphorstar_jax/judge.py grades with it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import collections
 import dataclasses
 import hashlib
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,7 +60,6 @@ OSQ_INSTRUCTION = (
 )
 DEFAULT_QUESTION = "What is the implication in this image?"
 OPTION_LETTERS = "ABCDEFGHIJ"
-_FIRST_INTEGER = re.compile(r"\d+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,15 +308,9 @@ def mcq_metrics(completions: Sequence[Any], records: Sequence[Record]) -> dict[s
   return question_metrics(completions, records, tfq_rewards.extract_mcq_answer)
 
 
-def parse_judge_score(reply: Any) -> int:
-  """The OSQ judge's score: the first integer in its reply ("[4 points]" -> 4), else 0."""
-  match = _FIRST_INTEGER.search(as_text(reply))
-  return int(match.group()) if match else 0
-
-
 def osq_metrics(completions: Sequence[Any], records: Sequence[Record]) -> dict[str, float]:
   """What OSQ can report without a judge: the format rate and answer count (the judge client
-  averages `parse_judge_score` over its replies for the headline score)."""
+  grades the headline score)."""
   _check_lengths(completions, records)
   total = len(records)
   formatted = sum(tfq_rewards.format_score(c) > 0 for c in completions)

@@ -84,10 +84,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(dict(
       every=0, num_examples=64, batch_size=32, greedy=True, temperature=-1.0, top_p=-1.0,
       max_new_tokens=-1, num_samples=1))
-  # resume: continue from the workdir's latest checkpoint. A fresh run (resume=False) refuses a
-  # workdir that holds checkpoints unless `overwrite` clears them and the old metrics first.
+  # resume: continue from the workdir's newest checkpoint that restores (older ones when it is
+  # damaged), or from `step` (-1: the newest). A resumed run keeps the config fields that give
+  # its steps their meaning (training/workdir.py RESUME_FIELDS) unless `allow_config_change`.
+  # A fresh run (resume=False) refuses a workdir that holds checkpoints unless `overwrite`
+  # clears them and the old metrics first.
   config.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=3, async_save=True,
-                                                     resume=True, overwrite=False))
+                                                     resume=True, overwrite=False, step=-1,
+                                                     allow_config_change=False))
   # HF checkpoints written as the run trains, to workdir/hf/step_N: every `every` steps of each
   # stage and at its last step (0: never), and after the last stage (`at_end`). dtype on disk:
   # '' keeps the parameter dtype, or 'bfloat16' / 'float16' / 'float32'.
@@ -100,9 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   # `images_per_prompt` square images of `image_pixels` (0: image.max_pixels).
   config.plan = ml_collections.ConfigDict(dict(check_fit=False, image_pixels=0,
                                                images_per_prompt=1))
-  # Fault injection for resumption tests: SIGKILL the process right after the checkpoint of
-  # this global step is on disk (0: never).
-  config.debug = ml_collections.ConfigDict(dict(kill_after_checkpoint=0))
+  # Fault injection for resumption tests (0: never): SIGKILL the process right after the
+  # checkpoint of global step `kill_after_checkpoint` is on disk; SIGTERM it in the middle of
+  # global step `signal_at_step` (a pre-emption).
+  config.debug = ml_collections.ConfigDict(dict(kill_after_checkpoint=0, signal_at_step=0))
   return config
 
 

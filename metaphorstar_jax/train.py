@@ -12,6 +12,7 @@ checkpoint, export. Interrupted runs resume from the last checkpoint in the work
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,50 +31,72 @@ from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.pipeline import PromptStream
 from metaphorstar_jax.sampling import Sampler
 from metaphorstar_jax.training import builders, checkpoints, grpo, learner as learner_lib
-from metaphorstar_jax.training import metrics as metrics_lib, sft, terminal, validation
+from metaphorstar_jax.training import metrics as metrics_lib, preemption, sft, terminal
+from metaphorstar_jax.training import validation
 from metaphorstar_jax.training import workdir as workdir_lib
 from metaphorstar_jax.training.objective import draw_size
-from metaphorstar_jax.training.state import RunState, checkpoint_arrays, restore_into
+from metaphorstar_jax.training.state import (RunState, check_updates, checkpoint_arrays,
+                                             restore_into)
 
 DEFAULT_CONFIG = config_files.path(config_files.DEFAULT)  # shipped with the package
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.")
 
 
 def train(config: ml_collections.ConfigDict) -> dict:
-  """Runs every stage of `config`; returns the final metrics and evaluation results."""
+  """Runs every stage of `config`; returns the final metrics and evaluation results.
+
+  On SIGTERM or SIGINT the step in progress finishes and is saved, and train returns early with
+  results["stopped"] (the signal, the step, the exit code main uses); see training/preemption.py.
+  """
   validation.check_config(config)  # before any weight is read or program compiled
+  os.makedirs(config.workdir, exist_ok=True)
+  # Whatever ends the run, the lock is released, the signal handlers restored, the last save
+  # waited for and Orbax's threads closed: cleanup's callbacks run in reverse order.
+  with contextlib.ExitStack() as cleanup:
+    cleanup.enter_context(workdir_lib.WorkdirLock(config.workdir))  # one writer per workdir
+    stop = cleanup.enter_context(preemption.StopRequest())
+    return _train(config, stop, cleanup)
+
+
+def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) -> dict:
   workdir = config.workdir
-  os.makedirs(workdir, exist_ok=True)
   workdir_lib.prepare_fresh_workdir(config)
-  workdir_lib.write_run_config(config)
   mesh = sharding_lib.make_mesh(**config.mesh.to_dict())
   if config.plan.check_fit:  # compile every program before any weight is read; refuse a misfit
     from metaphorstar_jax import plan  # here, not at the top: plan builds on this module's pieces
     plan.check_fit(config, mesh)
 
-  # --- build: processor, policy, data, evaluation, checkpoints, metrics -----------------------
+  # --- data, checkpoints and the step to resume: a changed config is refused before the model --
   processor = builders.build_processor(config)
-  model = builders.build_model(config, mesh)
-  builders.check_vocabulary(model, processor)
   task, train_records, eval_records = builders.load_data(config)
   logging.info("Task %s: %d training and %d evaluation records.", task.name, len(train_records),
                len(eval_records))
+  run_record = workdir_lib.run_record(config, {"train_records": len(train_records),
+                                               "eval_records": len(eval_records)})
+  ckpt = cleanup.enter_context(checkpoints.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
+      async_save=config.checkpoint.async_save))
+  resume = (checkpoints.Resumption.find(ckpt, config.checkpoint.step)
+            if config.checkpoint.resume else None)
+  if resume:
+    workdir_lib.check_resume(resume.record, config, run_record["data"], resume.step)
+  workdir_lib.write_run_config(config)  # once the config is accepted
+
+  # --- build: policy, evaluation, metrics ------------------------------------------------------
+  model = builders.build_model(config, mesh)
+  builders.check_vocabulary(model, processor)
   graphdef, params = nnx.split(model)
   # Periodic evaluation is the evaluation CLI's: its sampling settings, repeats and scoring.
   eval_sampler = Sampler(model, evaluate_lib.sampling_config(config), mesh=mesh)
   evaluate_lib.check_repeats(config.eval.num_samples, eval_sampler.config)
   eval_judge, _ = evaluate_lib.make_judge(config, task, os.path.join(workdir, "eval"))
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                  max_to_keep=config.checkpoint.keep,
-                                  async_save=config.checkpoint.async_save)
-  resume_step = ckpt.latest_step() if config.checkpoint.resume else None
-  resume_meta = ckpt.restore_meta(resume_step) if resume_step is not None else None
   # The history keeps the rows up to the restored step (none when nothing is restored).
   writer = metrics_lib.MetricsWriter(workdir, total_steps=sum(s.steps for s in config.stages),
                                      use_tensorboard=config.log.tensorboard,
                                      wandb_project=config.log.wandb_project or None,
                                      config=config.to_dict(), progress_bar=config.log.progress_bar,
-                                     resume_step=resume_step or 0)
+                                     resume_step=resume.step if resume else 0)
+  cleanup.callback(writer.close)
   run = RunState(params=params, opt_state=None, ref_params=None, global_step=0, stage_index=0,
                  stage_step=0)
   results: dict[str, Any] = {"evaluations": [], "exports": []}
@@ -96,11 +119,18 @@ def train(config: ml_collections.ConfigDict) -> dict:
                                dtype=config.export.dtype or None, replace=True)
       results["exports"].append(out)
 
+  def save(stream: PromptStream) -> None:
+    ckpt.save(run.global_step, checkpoint_arrays(run), stream.get_state(),
+              {"stage_index": run.stage_index, "stage_step": run.stage_step,
+               "global_step": run.global_step, "stage": config.stages[run.stage_index].name,
+               "kl_coef": run.kl_coef}, run_record)
+
   # --- the stages ------------------------------------------------------------------------------
-  first_stage = resume_meta["stage_index"] if resume_meta else 0
-  run.global_step = sum(s.steps for s in config.stages[:first_stage])
-  for stage_index in range(first_stage, len(config.stages)):
+  stage_index = resume.meta["stage_index"] if resume else 0
+  stopped = False
+  while stage_index < len(config.stages) and not stopped:
     stage = config.stages[stage_index]
+    run.global_step = sum(s.steps for s in config.stages[:stage_index])
     learner = learner_lib.build_learner(config, stage, model, graphdef, run.params, task,
                                         processor, mesh)
     learner_lib.start_stage(run, learner, stage_index)
@@ -112,16 +142,19 @@ def train(config: ml_collections.ConfigDict) -> dict:
                           seed=config.seed + stage_index, shuffle=task.shuffle,
                           max_prompt_tokens=config.data.max_prompt_tokens,
                           num_workers=config.data.num_workers)
-    if resume_meta and resume_meta["stage_index"] == stage_index:
-      restored, data_state, _ = ckpt.restore(resume_step, checkpoint_arrays(run))
+    if resume and resume.meta["stage_index"] == stage_index:
+      found = resume.restore(checkpoint_arrays(run), stage_index)  # or an older step's
+      if found is None:  # the newest step that restores is in an earlier stage
+        stage_index = resume.meta["stage_index"]
+        continue
+      restored, data_state, meta = found
       restore_into(run, restored)
       stream.set_state(data_state)
-      run.stage_step = resume_meta["stage_step"]
-      run.global_step = resume_meta["global_step"]
-      run.kl_coef = float(resume_meta.get("kl_coef", run.kl_coef))
+      run.stage_step, run.global_step = meta["stage_step"], meta["global_step"]
+      run.kl_coef = float(meta.get("kl_coef", run.kl_coef))
       logging.info("Resumed stage %s at its step %d (global %d).", stage.name, run.stage_step,
                    run.global_step)
-      resume_meta = None
+      resume = None
     elif stage.kind == "grpo":
       previous = f"after {config.stages[stage_index - 1].name}" if stage_index else None
       results[f"before {stage.name}"] = (results[previous] if previous in results
@@ -129,7 +162,10 @@ def train(config: ml_collections.ConfigDict) -> dict:
 
     while run.stage_step < stage.steps:
       # --- one step ----------------------------------------------------------------------------
+      ckpt.check()  # a background save that failed stops the run here, naming its step
       batch = stream.next_batch()
+      if run.global_step + 1 == config.debug.signal_at_step:
+        os.kill(os.getpid(), signal.SIGTERM)  # a pre-emption in the middle of this step
       if stage.kind == "sft":
         step_metrics = sft.step(learner, run, batch)
       else:
@@ -140,28 +176,37 @@ def train(config: ml_collections.ConfigDict) -> dict:
       step_metrics["stage"] = stage_index
       if run.global_step % max(1, config.log.every) == 0:
         results["last"] = writer.write(run.global_step, step_metrics)
+      check_updates(run, config.optim.max_consecutive_nonfinite, ckpt)
 
-      # --- evaluation, checkpoint, export ------------------------------------------------------
+      # --- evaluation, checkpoint, export; or stop, when asked to ------------------------------
       stage_done = run.stage_step == stage.steps
-      if config.eval.every and run.stage_step % config.eval.every == 0 and not stage_done:
+      stopped = stop.agreed(run.global_step, ckpt)
+      if config.eval.every and run.stage_step % config.eval.every == 0 and not stage_done \
+          and not stopped:
         run_eval(f"{stage.name} step {run.stage_step}")
       if config.checkpoint.every and (run.stage_step % config.checkpoint.every == 0
-                                      or stage_done):
-        ckpt.save(run.global_step, checkpoint_arrays(run), stream.get_state(),
-                  {"stage_index": stage_index, "stage_step": run.stage_step,
-                   "global_step": run.global_step, "stage": stage.name,
-                   "kl_coef": run.kl_coef})
+                                      or stage_done or stopped):
+        save(stream)
         if run.global_step == config.debug.kill_after_checkpoint:
           ckpt.wait()
           os.kill(os.getpid(), signal.SIGKILL)  # simulate a pre-emption
+      if stopped:
+        results["stopped"] = stop_run(stop, run, ckpt)
+        break
       if config.export.every and (run.stage_step % config.export.every == 0 or stage_done):
         export_now()
+    if stopped:
+      break
     if run.stage_step == stage.steps and stage_index + 1 < len(config.stages) and \
         config.checkpoint.every:
       ckpt.wait()
     results[f"after {stage.name}"] = run_eval(f"after {stage.name}")
+    stage_index += 1
 
   # --- the end ---------------------------------------------------------------------------------
+  results["final_params"] = run.params
+  if stopped:
+    return results
   if config.export.at_end:
     export_now()
   ckpt.close()
@@ -169,8 +214,22 @@ def train(config: ml_collections.ConfigDict) -> dict:
   if config.log.plot:
     history = metrics_lib.read_history(writer.history_path)
     results["plot"] = metrics_lib.plot_history(history, os.path.join(workdir, "curves.png"))
-  results["final_params"] = run.params
   return results
+
+
+def stop_run(stop: preemption.StopRequest, run: RunState, ckpt: checkpoints.Checkpointer) -> dict:
+  """Waits for the checkpoint of the step just finished; what a stopped run reports."""
+  ckpt.wait()
+  saved = ckpt.latest_step() == run.global_step
+  name = signal.Signals(stop.signum).name
+  if saved:
+    logging.warning("%s: stopped after step %d, saved under %s/%d; run the same command to "
+                    "resume.", name, run.global_step, ckpt.directory, run.global_step)
+  else:
+    logging.warning("%s: stopped after step %d without a checkpoint (checkpoint.every=0).",
+                    name, run.global_step)
+  return {"signal": name, "step": run.global_step, "saved": saved,
+          "exit_code": preemption.exit_code(stop.signum)}
 
 
 def main(argv):
@@ -181,10 +240,16 @@ def main(argv):
   terminal.quiet_library_logs(config.log.verbose)
   sharding_lib.initialize_distributed(**config.distributed.to_dict())
   start = time.perf_counter()
-  results = train(config)
+  try:
+    results = train(config)
+  except KeyboardInterrupt:  # Ctrl-C before train() took the signal over
+    logging.warning("Interrupted before training began; nothing to save.")
+    sys.exit(preemption.exit_code(signal.SIGINT))
   summary = {k: v for k, v in results.items() if k not in ("final_params", "evaluations")}
   summary["wall_seconds"] = round(time.perf_counter() - start, 1)
   print(json.dumps(summary, indent=2, default=str))
+  if "stopped" in results:  # by a signal, saved: not finished, so not rc 0
+    sys.exit(results["stopped"]["exit_code"])
 
 
 if __name__ == "__main__":

@@ -113,11 +113,9 @@ class PromptStream:
       dataset = dataset.shuffle(seed=seed)
     if repeat:
       dataset = dataset.repeat()
-    dataset = dataset.map(_Prepare(processor, build_conversation, max_prompt_tokens))
-    dataset = dataset.to_iter_dataset()
-    if num_workers > 0:
-      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    self._iterator = iter(dataset)
+    self._dataset = dataset.map(_Prepare(processor, build_conversation, max_prompt_tokens))
+    self._num_workers = num_workers
+    self._iterator = None  # made on the first draw, from the position set_state may have moved
     self.num_records = len(records)
     self.skipped = collections.Counter()
     self.consumed = 0
@@ -126,6 +124,8 @@ class PromptStream:
   def next_batch(self) -> Batch | None:
     """The next `batch_size` good examples; a smaller last batch, or None, when a pass ends."""
     examples, skipped_in_a_row = [], collections.Counter()
+    if self._iterator is None:
+      self._iterator = self._iterate_from(self.consumed)
     while len(examples) < self.batch_size and not self._exhausted:
       try:
         item = next(self._iterator)
@@ -155,14 +155,27 @@ class PromptStream:
     while (batch := self.next_batch()) is not None:
       yield batch
 
+  def _iterate_from(self, position: int):
+    """An iterator over the prepared records from `position` of the (shuffled, repeated)
+    stream on."""
+    dataset = self._dataset[position:] if position else self._dataset
+    dataset = dataset.to_iter_dataset()
+    if self._num_workers > 0:
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+    return iter(dataset)
+
   def get_state(self) -> dict:
-    return {"iterator": self._iterator.get_state(), "skipped": dict(self.skipped),
-            "consumed": self.consumed}
+    """The stream's position: how many records it has drawn, and the skips among them. The
+    same for any number of workers, so data.num_workers may change between a run and its
+    resumption."""
+    return {"position": self.consumed, "skipped": dict(self.skipped), "consumed": self.consumed}
 
   def set_state(self, state: dict) -> None:
-    self._iterator.set_state(state["iterator"])
+    # Every record drawn is counted in `consumed`, so it is the position in the stream; states
+    # saved before `position` existed hold it too.
+    self.consumed = int(state.get("position", state.get("consumed", 0)))
+    self._iterator = None
     self.skipped = collections.Counter(state.get("skipped", {}))
-    self.consumed = int(state.get("consumed", 0))
 
 
 def screen_records(records: Sequence[Any], processor: ChatProcessor, build_conversation: Callable,

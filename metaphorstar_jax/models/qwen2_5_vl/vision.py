@@ -22,9 +22,8 @@ FRAME_CHUNK = 512
 
 class VisionAttention(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.remat = remat
     self.num_heads = cfg.num_heads
     # A window is a contiguous run of at most window_cells² merged cells in window order.
     self.window_block = (cfg.window_size // cfg.patch_size) ** 2
@@ -42,24 +41,21 @@ class VisionAttention(nnx.Module):
                                            sin_SH[:, None]).astype(t.dtype)
     q_SNH, k_SNH = rotate(q_SNH), rotate(k_SNH)
     # A flag per block rather than two kinds of block keeps one scanned body for the tower.
-    # With remat each branch is rematerialised as well: a gradient of lax.cond keeps residuals
-    # of both branches (zeros for the one not taken), which took the small ViT's gradient from
-    # 1.3 to 3.5 GiB of temporaries at 65,536 patches; remat branches: 1.9 GiB.
-    remat = jax.checkpoint if self.remat else lambda f: f
-    frame = remat(lambda q, k, v: vision_attention.frame_attention(
-        q, k, v, layout.frame_segments_S, FRAME_CHUNK))
-    window = remat(lambda q, k, v: vision_attention.window_attention(
-        q, k, v, layout.window_segments_S, self.window_block))
-    out_SNH = jax.lax.cond(full, frame, window, q_SNH, k_SNH, v_SNH)
+    out_SNH = jax.lax.cond(
+        full,
+        lambda: vision_attention.frame_attention(q_SNH, k_SNH, v_SNH, layout.frame_segments_S,
+                                                 FRAME_CHUNK),
+        lambda: vision_attention.window_attention(q_SNH, k_SNH, v_SNH, layout.window_segments_S,
+                                                  self.window_block))
     return self.proj(out_SNH.reshape(S, D))
 
 
 class VisionBlock(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.norm1 = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
     self.norm2 = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-    self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+    self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
                              use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -96,8 +92,7 @@ class VisionTower(nnx.Module):
     # Conv3d with stride == kernel is exactly a matmul over flattened (c, t, row, col) patches.
     self.patch_embed = nnx.Linear(cfg.patch_dim, cfg.hidden_size, use_bias=False, **kw)
     self.blocks = layers.stack(
-        lambda rngs: VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                 rngs=rngs),
+        lambda rngs: VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
         cfg.depth, rngs)
     self.merger = PatchMerger(cfg, **kw)
 

@@ -405,8 +405,8 @@ def stage_programs(config, stage, model, params, layout: _Layout, state: dict) -
                          layout.rows((prompts, T), jnp.int32), pixels, grids),
                         dict(group_size=per_prompt, new_tokens=N), shapes, 1,
                         resident_args=("params",), phase="rollout",
-                        assumed_outputs=lambda info: with_shardings(  # the prefill's own
-                            info, sampler.prefill_shardings(info)))
+                        assumed_outputs=lambda info: jax.tree.map(  # the prefill's constraint
+                            lambda o: layout.rows(o.shape, o.dtype), info))
       out.append(prefill)
       decode = Program(f"decode{suffix}", name, sampler.programs()["decode"], None, {}, shapes,
                        1, resident_args=("params",), phase="rollout")

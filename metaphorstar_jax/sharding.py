@@ -19,18 +19,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Kernels are (in, out). Column-parallel layers split `out` over tensor; row-parallel split `in`.
-# Decoder layers and ViT blocks stack their parameters on a leading layer axis, which the scan
-# over layers walks: it stays whole (None) on every chip. The first matching rule wins.
+# The first matching rule wins.
 PARAMETER_RULES: tuple[tuple[str, P], ...] = (
     (r"embed_tokens/embedding$", P("tensor", "fsdp")),
     (r"lm_head/kernel$", P("fsdp", "tensor")),
-    (r"mlp_in/kernel$", P("fsdp", "tensor")),
-    (r"mlp_in/bias$", P("tensor")),
-    (r"(mlp_out|patch_embed)/kernel$", P("tensor", "fsdp")),
-    (r"(layers|blocks)/.*(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv)/kernel$",
-     P(None, "fsdp", "tensor")),
-    (r"(layers|blocks)/.*(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv)/bias$", P(None, "tensor")),
-    (r"(layers|blocks)/.*(o_proj|down_proj|proj)/kernel$", P(None, "tensor", "fsdp")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv|mlp_in)/kernel$", P("fsdp", "tensor")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv|mlp_in)/bias$", P("tensor")),
+    (r"(o_proj|down_proj|proj|mlp_out|patch_embed)/kernel$", P("tensor", "fsdp")),
     (r".*", P()),
 )
 
@@ -56,7 +51,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
 
 
 def path_to_str(path) -> str:
-  """A pytree key path or tuple as 'language_model/layers/self_attn/q_proj/kernel'.
+  """A pytree key path or tuple as 'language_model/layers/0/self_attn/q_proj/kernel'.
 
   The trailing `.value` attribute of an NNX Variable is dropped so rules match parameter names.
   """
@@ -152,7 +147,7 @@ def place_rows(array, mesh: Mesh | None):
   return jax.device_put(array, row_sharding(np.shape(array), mesh))
 
 
-def row_sharding(shape: Sequence[int], mesh: Mesh, axis: int = 0) -> NamedSharding:
-  """The sharding `place_rows` gives an array of `shape`: rows (dimension `axis`; 1 for a KV
-  cache, which stacks layers in front) over the batch axes if they divide, else replicated."""
-  return NamedSharding(mesh, fit_spec(P(*[None] * axis, BATCH_AXES), shape, mesh))
+def row_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+  """The sharding `place_rows` gives an array of `shape`: rows over the batch axes if they
+  divide, else replicated."""
+  return NamedSharding(mesh, fit_spec(P(BATCH_AXES), shape, mesh))

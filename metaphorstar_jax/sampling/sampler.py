@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from metaphorstar_jax import rl
 from metaphorstar_jax import sharding as sharding_lib
@@ -149,15 +149,12 @@ class Sampler:
 
   # --- traced functions --------------------------------------------------------------------
 
-  # The prefill's outputs whose rows are dimension 1: KV caches stack the layers in front.
-  CACHE_OUTPUTS = ("prompt_cache", "cache")
-
-  def prefill_shardings(self, prefilled: dict) -> dict:
-    """The shardings the prefill gives its outputs (arrays or ShapeDtypeStructs, by name) on
-    the mesh: rows over the batch axes where they divide."""
-    return {name: jax.tree.map(lambda x, axis=int(name in self.CACHE_OUTPUTS):
-                               sharding_lib.row_sharding(x.shape, self.mesh, axis), value)
-            for name, value in prefilled.items()}
+  def _constrain_rows(self, x):
+    """Rows over the batch axes of the mesh, when there is one and they divide."""
+    if self.mesh is None:
+      return x
+    spec = sharding_lib.fit_spec(P(sharding_lib.BATCH_AXES), x.shape, self.mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
   def _prefill_fn(self, state, input_ids_PT, attention_mask_PT, pixel_values_SP, image_grid_thw,
                   *, group_size: int, new_tokens: int):
@@ -174,14 +171,12 @@ class Sampler:
     logits_PV = model.logits(hidden_PTD[:, -1]).astype(jnp.float32)
     next_position_P = deltas_P + attention_mask_PT.sum(axis=1).astype(jnp.int32)
 
-    tile = lambda a: jnp.repeat(a, group_size, axis=0)
-    prefilled = dict(prompt_cache=prompt_cache, prompt_valid=prompt_valid_PT,
-                     cache=model.init_cache(num_prompts * group_size, new_tokens, cache_dtype),
-                     logits=tile(logits_PV), next_position=tile(next_position_P))
-    if self.mesh is None:
-      return prefilled
-    return jax.tree.map(jax.lax.with_sharding_constraint, prefilled,
-                        self.prefill_shardings(prefilled))
+    tile = lambda a: self._constrain_rows(jnp.repeat(a, group_size, axis=0))
+    return dict(prompt_cache=jax.tree.map(self._constrain_rows, prompt_cache),
+                prompt_valid=self._constrain_rows(prompt_valid_PT),
+                cache=jax.tree.map(self._constrain_rows, model.init_cache(
+                    num_prompts * group_size, new_tokens, cache_dtype)),
+                logits=tile(logits_PV), next_position=tile(next_position_P))
 
   def _decode_fn(self, state, carry, key, budget_B):
     self.compiled_programs += 1

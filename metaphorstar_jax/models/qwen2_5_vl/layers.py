@@ -62,42 +62,17 @@ class SwiGLU(nnx.Module):
     return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def stack(make, count: int, rngs: nnx.Rngs) -> nnx.Module:
-  """`count` independently initialised `make(rngs)` modules as one, each parameter stacked on a
-  leading layer axis (L, ...), for `scan`."""
+def call_rematerialised(module: nnx.Module, *args, static_argnums: tuple[int, ...] = ()):
+  """`module(*args)`, with its activations recomputed in the backward pass instead of stored.
 
-  @nnx.split_rngs(splits=count)
-  @nnx.vmap(in_axes=0, out_axes=0)
-  def build(rngs):
-    return make(rngs)
-
-  return build(rngs)
-
-
-def scan(stacked: nnx.Module, step, carry, xs, *, remat: bool):
-  """Runs `carry, y = step(layer, carry, x)` over the layers of `stacked` in order.
-
-  Args:
-    stacked: a module from `stack`; layer l sees slice l of every parameter.
-    step: called with one layer's module, the carry and slice l of `xs`.
-    carry: e.g. the hidden states, threaded through the layers.
-    xs: a pytree of per-layer inputs with a leading L axis (or None).
-    remat: rematerialise each layer in the backward pass: only the carry entering it is kept.
-
-  Returns:
-    The last carry and the `y`s stacked on a leading L axis. One compiled body serves every
-    layer, so compile time does not grow with depth. A pure `lax.scan` (with `jax.checkpoint`)
-    over the split state: nothing is written back to the module, so it is valid inside any
-    trace (a sampler's `lax.while_loop`), and with remat but without a gradient it computes
-    exactly what the plain scan does.
+  A pure `jax.checkpoint` over the module's split state, not `nnx.remat`: nothing is written
+  back to the module, so it is valid inside any trace (a sampler's `lax.while_loop`, a scan),
+  and without a gradient it computes exactly what the plain call does. `static_argnums` index
+  `args`.
   """
-  graphdef, state = nnx.split(stacked)
-
-  def body(carry, layer_xs):
-    layer_state, x = layer_xs
-    return step(nnx.merge(graphdef, layer_state), carry, x)
-
-  return jax.lax.scan(jax.checkpoint(body) if remat else body, carry, (state, xs))
+  graphdef, state = nnx.split(module)
+  run = lambda state, *args: nnx.merge(graphdef, state)(*args)
+  return jax.checkpoint(run, static_argnums=tuple(i + 1 for i in static_argnums))(state, *args)
 
 
 def rotate_half(x):

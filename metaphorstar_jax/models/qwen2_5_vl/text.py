@@ -1,7 +1,6 @@
 """The Qwen2 decoder of Qwen2.5-VL: GQA with q/k/v biases, RMSNorm, SwiGLU, M-RoPE.
 
-Shape letters: B batch, T tokens, D width, N query heads, K kv heads, H head dim, F = H / 2,
-S cache length, L layers (stacked on a leading axis and scanned).
+Shape letters: B batch, T tokens, D width, N query heads, K kv heads, H head dim, F = H / 2.
 """
 
 from __future__ import annotations
@@ -44,10 +43,9 @@ class Attention(nnx.Module):
     self.o_proj = nnx.Linear(cfg.num_attention_heads * H, cfg.hidden_size, use_bias=False, **kw)
 
   def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None,
-               prefix=None, layer=None):
-    """Self-attention; with `cache` ({'k','v'}: (B, K, S, H), or every layer's (L, B, K, S, H)
-    with `layer` naming this one) the new keys and values are written at `cache_index` and the
-    queries attend over the whole cache (mask_BTS then spans it).
+               prefix=None):
+    """Self-attention; with `cache` ({'k','v'}: (B, K, S, H)) the new keys and values are written
+    at `cache_index` and the queries attend over the whole cache (mask_BTS then spans it).
     With `prefix` (({'k','v'}: (P, K, R, H)), mask_PR) they first attend over a read-only prefix
     shared by each run of B / P rows (see `layers.attend_after_prefix`).
 
@@ -62,16 +60,10 @@ class Attention(nnx.Module):
     k_BKTH = jnp.swapaxes(layers.apply_rotary(k_BTKH, cos, sin).astype(k_BTKH.dtype), 1, 2)
     v_BKTH = jnp.swapaxes(v_BTKH, 1, 2)
     if cache is not None:
-      if layer is None:
-        write = lambda a_BKSH, new_BKTH: jax.lax.dynamic_update_slice(
-            a_BKSH, new_BKTH.astype(a_BKSH.dtype), (0, 0, cache_index, 0))
-        read = lambda a_BKSH: a_BKSH
-      else:  # every layer's cache: this layer's slot is written in place, its slice read
-        write = lambda a_LBKSH, new_BKTH: jax.lax.dynamic_update_slice(
-            a_LBKSH, new_BKTH[None].astype(a_LBKSH.dtype), (layer, 0, 0, cache_index, 0))
-        read = lambda a_LBKSH: a_LBKSH[layer]
+      write = lambda a_BKSH, new_BKTH: jax.lax.dynamic_update_slice(
+          a_BKSH, new_BKTH.astype(a_BKSH.dtype), (0, 0, cache_index, 0))
       cache = {"k": write(cache["k"], k_BKTH), "v": write(cache["v"], v_BKTH)}
-      k_BKTH, v_BKTH = (read(cache[name]).astype(q_BTNH.dtype) for name in ("k", "v"))
+      k_BKTH, v_BKTH = cache["k"].astype(q_BTNH.dtype), cache["v"].astype(q_BTNH.dtype)
     if prefix is None:
       out_BTNH = layers.attend(q_BTNH, k_BKTH, v_BKTH, mask_BTS)
     else:
@@ -94,16 +86,15 @@ class DecoderLayer(nnx.Module):
                              use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None,
-               prefix=None, layer=None):
+               prefix=None):
     attn_BTD, cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS,
-                                     cache, cache_index, prefix, layer)
+                                     cache, cache_index, prefix)
     x_BTD = x_BTD + attn_BTD
     return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), cache
 
 
 class TextModel(nnx.Module):
-  """Embedding, decoder layers (stacked, run under `layers.scan`) and final norm; the LM head
-  lives on the top-level model."""
+  """Embedding, decoder layers and final norm; the LM head lives on the top-level model."""
 
   def __init__(self, cfg: TextConfig, *, dtype, param_dtype, remat: bool = False,
                rngs: nnx.Rngs):
@@ -112,9 +103,8 @@ class TextModel(nnx.Module):
     self.remat = remat
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-    self.layers = layers.stack(
-        lambda rngs: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-        cfg.num_hidden_layers, rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                            for _ in range(cfg.num_hidden_layers)])
     self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
   def __call__(self, x_BTD, position_ids_3BT, mask_BTS, cache=None, cache_index=None,
@@ -125,41 +115,28 @@ class TextModel(nnx.Module):
       x_BTD: input embeddings.
       position_ids_3BT: M-RoPE ids.
       mask_BTS: True where query t may attend key s (S = T without a cache, the cache length with).
-      cache: optional KV cache from `init_cache`, written at `cache_index`. One the T new tokens
-        fill (S = T: a prompt pass) comes out of the scan layer by layer, so a gradient through
-        it keeps one layer's keys per step; a longer one (decoding) is written in place in the
-        scan's carry, where a per-layer output would be a second copy of it. Do not take
-        gradients through the latter: every layer's step would keep the whole cache.
-      prefix: optional (cache of P rows, mask_PR): keys all rows attend before their own, each
-        prefix row shared by B / P adjacent rows; read, never written.
+      cache: optional per-layer KV cache from `init_cache`, written at `cache_index`.
+      prefix: optional (per-layer cache of P rows, mask_PR): keys all rows attend before their
+        own, each prefix row shared by B / P adjacent rows; read, never written.
 
     Returns:
       Final-normed hidden states (B, T, D) and the updated cache (None without one).
     """
     cos_BTH, sin_BTH = mrope_cos_sin(position_ids_3BT, self.cfg, x_BTD.dtype)
-    in_place = cache is not None and cache["k"].shape[3] > x_BTD.shape[1]
-    prefix_cache, prefix_mask_PR = (None, None) if prefix is None else prefix
-
-    def step(layer, carry, xs):
-      x_BTD, carried_cache = carry
-      index, layer_cache, layer_prefix = xs
-      layer_prefix = None if layer_prefix is None else (layer_prefix, prefix_mask_PR)
-      if in_place:
-        x_BTD, carried_cache = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, carried_cache,
-                                     cache_index, layer_prefix, index)
-      else:
-        x_BTD, layer_cache = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, layer_cache, cache_index,
-                                   layer_prefix)
-      return (x_BTD, carried_cache), layer_cache
-
-    layer_index_L = jnp.arange(self.cfg.num_hidden_layers)
-    (x_BTD, carried_cache), layer_caches = layers.scan(
-        self.layers, step, (x_BTD, cache if in_place else None),
-        (layer_index_L, None if in_place else cache, prefix_cache), remat=self.remat)
-    return self.norm(x_BTD), carried_cache if in_place else layer_caches
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else cache[i]
+      layer_prefix = None if prefix is None else (prefix[0][i], prefix[1])
+      run = layers.call_rematerialised if self.remat else lambda f, *a: f(*a)
+      x_BTD, layer_cache = run(layer, x_BTD, cos_BTH, sin_BTH, mask_BTS, layer_cache,
+                               cache_index, layer_prefix)
+      new_cache.append(layer_cache)
+    return self.norm(x_BTD), (None if cache is None else tuple(new_cache))
 
 
-def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> dict:
-  """An empty KV cache: {'k', 'v'}, each every layer's (L, batch, K, length, H)."""
-  shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, length, cfg.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> tuple[dict, ...]:
+  """An empty KV cache: per layer {'k', 'v'} of shape (batch, K, length, H)."""
+  shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
+  return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+               for _ in range(cfg.num_hidden_layers))
+

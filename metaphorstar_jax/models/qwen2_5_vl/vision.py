@@ -1,15 +1,13 @@
 """The Qwen2.5-VL vision tower: patch embedding, 2-D rotary, window/full attention blocks, merger.
 
 Shape letters: S patches (rows of pixel_values), C merged cells (S / U), U patches per cell (merge²),
-P flattened patch length (C·Tp·14·14 = 1176), D vision width, E output width, N heads, H head dim,
-L blocks (stacked on a leading axis and scanned).
+P flattened patch length (C·Tp·14·14 = 1176), D vision width, E output width, N heads, H head dim.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from metaphorstar_jax.models.qwen2_5_vl import layers, vision_attention
@@ -25,14 +23,12 @@ class VisionAttention(nnx.Module):
   def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads = cfg.num_heads
-    # A window is a contiguous run of at most window_cells² merged cells in window order.
-    self.window_block = (cfg.window_size // cfg.patch_size) ** 2
     self.qkv = nnx.Linear(cfg.hidden_size, 3 * cfg.hidden_size, **kw)
     self.proj = nnx.Linear(cfg.hidden_size, cfg.hidden_size, **kw)
 
-  def __call__(self, x_SD, cos_SH, sin_SH, layout: VisionLayout, full):
-    """Attention within segments: the layout's windows, or, where the traced flag `full` is
-    set (the full-attention blocks), whole frames (see vision_attention)."""
+  def __call__(self, x_SD, cos_SH, sin_SH, segments_S, window_block: int):
+    """Attention within segments: windows of at most `window_block` patches, or, when
+    `window_block` is 0, whole frames (see vision_attention)."""
     S, D = x_SD.shape
     qkv = self.qkv(x_SD).reshape(S, 3, self.num_heads, D // self.num_heads)
     q_SNH, k_SNH, v_SNH = qkv[:, 0], qkv[:, 1], qkv[:, 2]
@@ -40,13 +36,10 @@ class VisionAttention(nnx.Module):
     rotate = lambda t: layers.apply_rotary(t.astype(jnp.float32), cos_SH[:, None],
                                            sin_SH[:, None]).astype(t.dtype)
     q_SNH, k_SNH = rotate(q_SNH), rotate(k_SNH)
-    # A flag per block rather than two kinds of block keeps one scanned body for the tower.
-    out_SNH = jax.lax.cond(
-        full,
-        lambda: vision_attention.frame_attention(q_SNH, k_SNH, v_SNH, layout.frame_segments_S,
-                                                 FRAME_CHUNK),
-        lambda: vision_attention.window_attention(q_SNH, k_SNH, v_SNH, layout.window_segments_S,
-                                                  self.window_block))
+    if window_block:
+      out_SNH = vision_attention.window_attention(q_SNH, k_SNH, v_SNH, segments_S, window_block)
+    else:
+      out_SNH = vision_attention.frame_attention(q_SNH, k_SNH, v_SNH, segments_S, FRAME_CHUNK)
     return self.proj(out_SNH.reshape(S, D))
 
 
@@ -59,8 +52,8 @@ class VisionBlock(nnx.Module):
     self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
                              use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x_SD, cos_SH, sin_SH, layout: VisionLayout, full):
-    x_SD = x_SD + self.attn(self.norm1(x_SD), cos_SH, sin_SH, layout, full)
+  def __call__(self, x_SD, cos_SH, sin_SH, segments_S, window_block: int):
+    x_SD = x_SD + self.attn(self.norm1(x_SD), cos_SH, sin_SH, segments_S, window_block)
     return x_SD + self.mlp(self.norm2(x_SD))
 
 
@@ -91,9 +84,7 @@ class VisionTower(nnx.Module):
     self.remat = remat
     # Conv3d with stride == kernel is exactly a matmul over flattened (c, t, row, col) patches.
     self.patch_embed = nnx.Linear(cfg.patch_dim, cfg.hidden_size, use_bias=False, **kw)
-    self.blocks = layers.stack(
-        lambda rngs: VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-        cfg.depth, rngs)
+    self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, **kw)
 
   def layout(self, image_grid_thw_N3, num_patches: int) -> VisionLayout:
@@ -123,7 +114,15 @@ class VisionTower(nnx.Module):
     emb_SH = jnp.concatenate([angles_SF, angles_SF], axis=-1)
     cos_SH, sin_SH = jnp.cos(emb_SH), jnp.sin(emb_SH)
 
-    full_L = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
-    step = lambda block, x_SD, full: (block(x_SD, cos_SH, sin_SH, layout, full), None)
-    x_SD, _ = layers.scan(self.blocks, step, x_SD, jnp.asarray(full_L), remat=self.remat)
+    # A window is a contiguous run of at most window_cells² merged cells in window order.
+    window_block = (cfg.window_size // cfg.patch_size) ** 2
+    full_blocks = set(cfg.fullatt_block_indexes)
+    for i, block in enumerate(self.blocks):
+      segments_S, width = ((layout.frame_segments_S, 0) if i in full_blocks
+                           else (layout.window_segments_S, window_block))
+      if self.remat:  # the width picks the attention kind: a static argument
+        x_SD = layers.call_rematerialised(block, x_SD, cos_SH, sin_SH, segments_S, width,
+                                          static_argnums=(4,))
+      else:
+        x_SD = block(x_SD, cos_SH, sin_SH, segments_S, width)
     return self.merger(x_SD)[layout.reverse_index_C]

@@ -46,8 +46,9 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections import config_flags
 
-from metaphorstar_jax import data
+from metaphorstar_jax import config_files, data
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.image_processor import num_image_tokens
 from metaphorstar_jax.models import qwen2_5_vl
@@ -772,7 +773,7 @@ def use_cpu_devices(topology: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config = flags.FLAGS.config  # train's --config flag
+  config = flags.FLAGS.config
   topology = _TOPOLOGY.value
   use_cpu_devices(topology)
   if topology:
@@ -793,4 +794,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # --config as train has it; defined only here, because train (which imports this module for its
+  # fit check) defines the same flag.
+  config_flags.DEFINE_config_file("config", config_files.path(config_files.DEFAULT),
+                                  "Training config file to plan.")
   app.run(main)

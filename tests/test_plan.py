@@ -193,3 +193,14 @@ def test_bench_prints_one_json_line_of_headline_figures():
   assert run["model"] == "tiny" and run["chips"] == 8 and run["partial"] == ["grpo_grads"]
   assert run["grad_temporaries_gib"] >= 0 and run["grad_compile_s"] > 0
   assert run["peak_gib_per_chip"] > 0 and run["peak_program"] == "grpo_grads (grpo)"
+
+
+def test_the_command_line_takes_a_config():
+  """Once train stopped being imported by plan, `python -m metaphorstar_jax.plan --config=...`
+  failed with "Unknown command line flag 'config'"."""
+  import subprocess
+  import sys
+  done = subprocess.run([sys.executable, "-m", "metaphorstar_jax.plan", "--helpfull"],
+                        capture_output=True, text=True, timeout=300)  # absl's help exits 1
+  flag_lines = [line.split(":")[0].strip() for line in done.stdout.splitlines()]
+  assert "--config" in flag_lines and "--topology" in flag_lines, done.stderr[-2000:]

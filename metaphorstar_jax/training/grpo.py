@@ -63,16 +63,21 @@ def draw(learner: Learner, run: RunState, batch, next_batch, key) -> tuple[Score
   return groups, {**metrics, **filter_metrics}
 
 
-def policy_logprobs(learner: Learner, params, groups: ScoredGroups) -> np.ndarray:
-  """[B, N] log-probs of every sampled token under `params`, computed micro-batch by micro-batch."""
+def policy_logprobs(learner: Learner, groups: ScoredGroups, *policies) -> list:
+  """[B, N] log-probs of every sampled token under each of `policies` (None gives None), from one
+  pass over the micro-batches, so each is collated and placed once for all of them."""
   rows, G = groups.rows, learner.objective.group_size
-  out = np.zeros_like(rows.sampler_logprobs_BN)
+  outs = [None if p is None else np.zeros_like(rows.sampler_logprobs_BN) for p in policies]
+  if all(out is None for out in outs):
+    return outs
   for seq, selected in micro_batches(groups.examples, groups.prepared, rows.tokens_BN,
                                      rows.mask_BN, prompt_subsets(groups.num_prompts,
                                                                   micro_parts(learner)),
                                      G, learner.sampler, learner.mesh):
-    out[selected] = sharding_lib.to_host(learner.steps.logprobs(params, seq))
-  return out
+    for params, out in zip(policies, outs):
+      if out is not None:
+        out[selected] = sharding_lib.to_host(learner.steps.logprobs(params, seq))
+  return outs
 
 
 def score(learner: Learner, run: RunState, groups: ScoredGroups) -> tuple[UpdateRows, dict]:
@@ -81,9 +86,9 @@ def score(learner: Learner, run: RunState, groups: ScoredGroups) -> tuple[Update
   rows = groups.rows
   trained_BN = rows.trained_mask_BN()
   on_policy = train_cfg.ppo_epochs == 1 and train_cfg.num_minibatches == 1
-  old = None if on_policy else policy_logprobs(learner, run.params, groups)
   needs_ref = loss_cfg.use_kl_loss or loss_cfg.use_kl_in_reward
-  ref = policy_logprobs(learner, run.ref_params, groups) if needs_ref else None
+  old, ref = policy_logprobs(learner, groups, None if on_policy else run.params,
+                             run.ref_params if needs_ref else None)
   shaped, metrics = groups.shaped_B, {}
   if loss_cfg.use_kl_in_reward:
     # verl's order: the sampling policy's log-probs against the reference's, per token, summed

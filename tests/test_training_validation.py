@@ -44,6 +44,9 @@ BAD_VALUES = [
     ("rl.top_p", 1.5, r"rl\.top_p=1\.5"),
     ("eval.temperature", -0.5, r"eval\.temperature=-0\.5"),
     ("log.every", 0, r"log\.every=0"),
+    ("checkpoint.step", -2, r"checkpoint\.step=-2"),
+    ("debug.signal_at_step", -1, r"debug\.signal_at_step=-1"),
+    ("plan.images_per_prompt", 0, r"plan\.images_per_prompt=0"),
 ]
 
 
@@ -59,6 +62,20 @@ def set_field(config, path, value):
 def test_out_of_range_values_are_refused_with_the_field_named(path, value, message):
   config = base()
   validation.check_config(config)  # the base is valid: only the change below makes it fail
+  set_field(config, path, value)
+  with pytest.raises(ValueError, match=message):
+    validation.check_config(config)
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("judge.deadline_s", 0.0, r"judge\.deadline_s=0\.0"),
+    ("judge.max_reply_bytes", -1, r"judge\.max_reply_bytes=-1"),
+    ("judge.repeats", 0, r"judge\.repeats=0"),
+    ("judge.deadline_s", 5.0, r"judge\.deadline_s=5\.0.*timeout_s=60"),
+])
+def test_judge_bounds_out_of_range_are_refused(path, value, message):
+  config = load("tfq_grpo_7b.py", "smoke")
+  validation.check_config(config)
   set_field(config, path, value)
   with pytest.raises(ValueError, match=message):
     validation.check_config(config)

@@ -21,7 +21,12 @@ AT_LEAST = (
     ("eval.every", 0), ("eval.batch_size", 1), ("eval.num_samples", 1),
     ("checkpoint.every", 0), ("checkpoint.keep", 1), ("export.every", 0), ("log.every", 1),
     ("optim.max_consecutive_nonfinite", 0),
+    ("checkpoint.step", -1),  # -1: the newest step that restores
+    ("plan.image_pixels", 0), ("plan.images_per_prompt", 1),
+    ("debug.kill_after_checkpoint", 0), ("debug.signal_at_step", 0),
 )
+# (field, what it must be): the judge's bounds, present in configs that grade with a judge.
+JUDGE_POSITIVE = ("judge.repeats", "judge.timeout_s", "judge.deadline_s", "judge.max_reply_bytes")
 
 
 def _get(config, path: str):
@@ -58,6 +63,15 @@ def check_numbers(config) -> None:
   if config.eval.max_new_tokens != PRESET and config.eval.max_new_tokens < 1:
     _fail("eval.max_new_tokens", config.eval.max_new_tokens,
           f"use at least 1, or {PRESET} for rl.max_new_tokens")
+  if "judge" in config:
+    for field in JUDGE_POSITIVE:
+      value = _get(config, field)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        _fail(field, value, "must be a number > 0")
+    if config.judge.deadline_s < config.judge.timeout_s:
+      _fail("judge.deadline_s", config.judge.deadline_s,
+            f"bounds a whole request, so it must be ≥ judge.timeout_s={config.judge.timeout_s} "
+            "(one socket read)")
   if not config.stages:
     _fail("stages", list(config.stages), "a run needs at least one stage")
 

@@ -152,6 +152,7 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
       stream.set_state(data_state)
       run.stage_step, run.global_step = meta["stage_step"], meta["global_step"]
       run.kl_coef = float(meta.get("kl_coef", run.kl_coef))
+      writer.rewind(run.global_step)  # when an older step restored than the one first tried
       logging.info("Resumed stage %s at its step %d (global %d).", stage.name, run.stage_step,
                    run.global_step)
       resume = None

@@ -54,6 +54,12 @@ def straight(tmp_path_factory):
   return workdir, results["final_params"], history(workdir)
 
 
+def raw_steps(workdir):
+  """The step of every row of `workdir`/metrics.jsonl, evaluations included, in file order."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["step"] for line in f]
+
+
 def copy_run(workdir, tmp_path):
   copy = str(tmp_path / "run")
   shutil.copytree(workdir, copy)
@@ -157,6 +163,8 @@ def test_damaged_latest_step_resumes_from_the_one_before(tmp_path, straight, cap
   resumed = train.train(tiny_config(workdir))
   assert "Resuming from step 2; passed over: step 3" in caplog.text
   assert_same_params(resumed["final_params"], expected_params)
+  # Each step's rows once, as in the uninterrupted run: step 3's were dropped and written again.
+  assert raw_steps(workdir) == raw_steps(straight[0])
   assert checkpoints.saved_steps(os.path.join(workdir, "checkpoints")) == [1, 2, 3]
 
 

@@ -35,6 +35,33 @@ def test_a_resumed_run_writes_each_step_once(tmp_path, caplog):
   assert steps_of(tmp_path) == list(range(1, 11))
 
 
+def test_a_resume_that_falls_back_to_an_older_step_rewinds_the_history(tmp_path):
+  write_steps(writer(tmp_path), range(1, 8))  # checkpoints at 3 and 6; step 6 turns out damaged
+  resumed = writer(tmp_path, resume_step=6)
+  resumed.rewind(3)  # the newest step that restored
+  write_steps(resumed, range(4, 9))
+  assert steps_of(tmp_path) == list(range(1, 9))
+
+
+@pytest.mark.parametrize("resume_step,purged", [(None, None), (0, 0), (5, 6)])
+def test_tensorboard_hides_the_steps_a_run_writes_again(tmp_path, monkeypatch, resume_step,
+                                                        purged):
+  import tensorboardX
+  opened = []
+
+  class Spy(tensorboardX.SummaryWriter):
+    def __init__(self, logdir, purge_step=None):
+      opened.append(purge_step)
+      super().__init__(logdir, purge_step=purge_step)
+
+  monkeypatch.setattr(tensorboardX, "SummaryWriter", Spy)
+  metrics = writer(tmp_path, use_tensorboard=True, resume_step=resume_step)
+  if resume_step:
+    metrics.rewind(2)
+  metrics.close()
+  assert opened == ([purged, 3] if resume_step else [purged])
+
+
 def test_a_run_that_restored_nothing_starts_an_empty_history(tmp_path):
   first = writer(tmp_path)
   first.write(0, {"eval/accuracy": 0.25})  # the "before" evaluation

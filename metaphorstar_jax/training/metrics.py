@@ -83,11 +83,21 @@ def repair_history(path: str, resume_step: int | None = None) -> None:
     os.replace(path + ".tmp", path)
 
 
+def purge_step(resume_step: int | None) -> int | None:
+  """The first step whose TensorBoard events a run starting now writes again (None: none): the
+  ones after the restored step, or every one on a fresh start (0)."""
+  if resume_step is None:
+    return None
+  return resume_step + 1 if resume_step > 0 else 0
+
+
 class MetricsWriter:
   """Collects scalar metrics per step and fans them out.
 
   `resume_step` is the global step the run restored (0: none, a fresh start; None: leave the
-  history as it is, torn lines apart); see `repair_history`.
+  history as it is, torn lines apart); see `repair_history`. TensorBoard hides the events of
+  the steps it writes again (tensorboardX `purge_step`), so a resumed run shows each step once;
+  W&B starts a new run at each start, whose steps begin after the restored one.
   """
 
   def __init__(self, workdir: str, *, total_steps: int, use_tensorboard: bool = True,
@@ -97,13 +107,13 @@ class MetricsWriter:
     self.workdir = workdir
     self.history_path = os.path.join(workdir, "metrics.jsonl")
     self._tb = self._wandb = self._bar = None
+    self.resume_step = resume_step
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
     repair_history(self.history_path, resume_step)
-    if use_tensorboard:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._use_tensorboard = use_tensorboard
+    self._open_tensorboard(resume_step)
     if wandb_project:
       try:
         import wandb
@@ -115,6 +125,23 @@ class MetricsWriter:
     if progress_bar:
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, dynamic_ncols=True, desc="train")
+
+  def _open_tensorboard(self, resume_step: int | None) -> None:
+    if self._use_tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"),
+                               purge_step=purge_step(resume_step))
+
+  def rewind(self, resume_step: int) -> None:
+    """The run restored an older step than the writer was opened for (the newer ones did not
+    restore): the history and TensorBoard drop the steps after `resume_step` too."""
+    if not self.enabled or resume_step == self.resume_step:
+      return
+    self.resume_step = resume_step
+    repair_history(self.history_path, resume_step)
+    if self._tb is not None:
+      self._tb.close()
+      self._open_tensorboard(resume_step)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> dict[str, float]:
     """Records one step's metrics; returns them as plain floats."""

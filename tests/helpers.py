@@ -1,5 +1,11 @@
 """Helpers several test modules share (test modules never import each other).
 
+Paths and runs: `REPO_ROOT`, `CONFIG` (the README's default config file), `scaled_down_flags` (its
+command line scaled down), `smoke_config`/`smoke_default_config` (its smoke mode as a ConfigDict),
+`history` (a run's metrics.jsonl by step, without wall-clock figures). Model inputs: `tiny_batch`
+(two prompts for the tiny preset, one with two images), `shapes_prompt_batches` (real one-image
+prompts). Updates: `optim_config` and `make_steps` (a TrainSteps with its optimizer state).
+
 `JudgeServer` is a scripted OpenAI-style chat-completions endpoint on 127.0.0.1: it answers
 POST /v1/chat/completions from a thread on an ephemeral port (GET too, where a redirect turned the
 POST into one). Each request takes the next planned action (a reply text, an HTTP status, a
@@ -9,9 +15,114 @@ most `max_requests` and shuts down when its `with` block ends.
 
 import collections
 import http.server
+import importlib.util
 import json
+import os
 import threading
 import time
+
+import ml_collections
+import numpy as np
+
+from hf_reference import random_pixels
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO_ROOT, "configs", "tfq_grpo_tiny.py")
+# Wall-clock figures differ between runs; everything else must match exactly.
+TIMING_KEYS = {"step_seconds", "sample_seconds", "rollout_tokens_per_s"}
+
+
+def scaled_down_flags(workdir, sft_steps=2, grpo_steps=3):
+  """Command-line flags for `CONFIG` at a few steps, prompts and tokens, checkpointing each step."""
+  return [f"--config={CONFIG}", f"--config.workdir={workdir}", "--config.log.progress_bar=False",
+          "--config.train.prompts_per_step=2", "--config.rl.group_size=2",
+          "--config.rl.max_new_tokens=6", "--config.eval.num_examples=2",
+          "--config.eval.every=0", "--config.checkpoint.every=1",
+          "--config.checkpoint.async_save=False",
+          f"--config.stages[0].steps={sft_steps}", f"--config.stages[1].steps={grpo_steps}",
+          "--config.data.task_options.num_records=16",
+          "--config.data.eval_task_options.num_records=4"]
+
+
+def history(workdir):
+  """step -> the training row of `workdir`/metrics.jsonl, without `TIMING_KEYS` (no eval rows)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {row["step"]: {k: v for k, v in row.items() if k not in TIMING_KEYS}
+          for row in rows if "eval/accuracy" not in row}
+
+
+def smoke_config(path):
+  """`get_config(smoke=True)` of the config file at `path`."""
+  spec = importlib.util.spec_from_file_location("config_under_test", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(smoke=True)
+
+
+def smoke_default_config(workdir):
+  """The README default in smoke mode on a few records, checkpointing synchronously."""
+  config = smoke_config(CONFIG)
+  config.workdir = str(workdir)
+  config.log.progress_bar = False
+  config.data.task_options = dict(config.data.task_options, num_records=16)
+  config.data.eval_task_options = dict(config.data.eval_task_options, num_records=4)
+  config.checkpoint.async_save = False
+  return config
+
+
+def tiny_batch(cfg, seed=0):
+  """Two left-padded prompts for the model config `cfg`: row 0 holds two images (grids 1x4x8 and
+  1x6x4), row 1 is text only. Returns the model's keyword arguments as numpy arrays."""
+  rng = np.random.default_rng(seed)
+  grids = np.asarray([[1, 4, 8], [1, 6, 4]], np.int32)
+  pad, start, end = cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
+  text = lambda n: rng.integers(0, 1990, n).tolist()
+  row0 = text(3) + [start] + [pad] * 8 + [end] + text(4) + [start] + [pad] * 6 + [end] + text(2)
+  row1 = text(12)
+  T = len(row0)
+  ids = np.zeros((2, T), np.int32)
+  mask = np.zeros((2, T), np.int32)
+  ids[0], mask[0] = row0, 1
+  ids[1, T - len(row1):], mask[1, T - len(row1):] = row1, 1
+  return dict(input_ids=ids, attention_mask=mask, pixel_values=random_pixels(rng, grids),
+              image_grid_thw=grids)
+
+
+def shapes_prompt_batches(count, *, num_records, seed, batch_size=4):
+  """`count` batches of real one-image prompts (56 px shapes, statement only), in order."""
+  from metaphorstar_jax import data
+  from metaphorstar_jax.data.pipeline import PromptStream
+  from metaphorstar_jax.tasks import get_task, load_records
+  task = get_task("shapes", num_records=num_records, image_size=56, min_shapes=1, max_shapes=3,
+                  prompt="statement", seed=seed)
+  records, _ = load_records(task, None)
+  processor = data.ChatProcessor.from_tokenizer(
+      data.build_small_tokenizer(), data.ImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56))
+  stream = PromptStream(records, processor, task.build_conversation, batch_size=batch_size,
+                        seed=0, shuffle=False, max_prompt_tokens=512)
+  return [stream.next_batch() for _ in range(count)]
+
+
+def optim_config():
+  """A complete `optim` config: AdamW at 1e-3, constant, clipped at 1.0, nothing frozen."""
+  return ml_collections.ConfigDict(dict(
+      learning_rate=1e-3, warmup_steps=0, total_steps=10, schedule="constant",
+      final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,
+      max_consecutive_nonfinite=3, frozen=()))
+
+
+def make_steps(model, loss_config=None):
+  """(TrainSteps, params, optimizer state) for `model` under `optim_config()` and `loss_config`
+  (default: the metaphorstar preset's loss)."""
+  from flax import nnx
+  from metaphorstar_jax import rl
+  from metaphorstar_jax.training import optimizer, step as step_lib
+  optim = optimizer.make_optimizer(optim_config())
+  graphdef, params = nnx.split(model)
+  steps = step_lib.TrainSteps(graphdef, optim, loss_config or rl.preset("metaphorstar").loss,
+                              temperature=1.0)
+  return steps, params, step_lib.init_optimizer_state(optim, params)
 
 
 class _QuietServer(http.server.ThreadingHTTPServer):

@@ -10,7 +10,7 @@ from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.models.qwen2_5_vl import blockwise_attention, layers
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
 from metaphorstar_jax.training.policy import SequenceBatch, completion_logprobs
-from test_qwen2_5_vl_model import tiny_batch
+from helpers import tiny_batch
 
 
 def random_inputs(seed, B=4, T=6, N=4, K=2, H=8, S=13):

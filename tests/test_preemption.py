@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from metaphorstar_jax import config_files, train
 from metaphorstar_jax.training import checkpoints, preemption, step as step_lib, workdir as wd
-from test_train import CONFIG, REPO_ROOT, TIMING_KEYS, history, scaled_down_flags
+from helpers import CONFIG, REPO_ROOT, TIMING_KEYS, history, scaled_down_flags
 
 
 def tiny_flags(workdir):

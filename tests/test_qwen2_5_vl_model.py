@@ -5,24 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hf_reference import random_pixels
+from helpers import tiny_batch
 from metaphorstar_jax.models import qwen2_5_vl
-
-
-def tiny_batch(cfg, seed=0):
-  rng = np.random.default_rng(seed)
-  grids = np.asarray([[1, 4, 8], [1, 6, 4]], np.int32)
-  pad, start, end = cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
-  text = lambda n: rng.integers(0, 1990, n).tolist()
-  row0 = text(3) + [start] + [pad] * 8 + [end] + text(4) + [start] + [pad] * 6 + [end] + text(2)
-  row1 = text(12)
-  T = len(row0)
-  ids = np.zeros((2, T), np.int32)
-  mask = np.zeros((2, T), np.int32)
-  ids[0], mask[0] = row0, 1
-  ids[1, T - len(row1):], mask[1, T - len(row1):] = row1, 1
-  return dict(input_ids=ids, attention_mask=mask, pixel_values=random_pixels(rng, grids),
-              image_grid_thw=grids)
 
 
 def loss_fn(model, batch):

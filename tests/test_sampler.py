@@ -13,7 +13,7 @@ from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import (Sampler, SamplingConfig, generate, next_tokens,
                                        token_logprobs)
 from metaphorstar_jax.sampling.logits_processing import first_max_index
-from test_qwen2_5_vl_model import tiny_batch
+from helpers import tiny_batch
 
 VISION_SPECIALS = [151652, 151653, 151655, 151656]
 _loaded = {}

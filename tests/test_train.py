@@ -9,7 +9,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -19,24 +18,8 @@ from metaphorstar_jax.sampling import Sampler, SamplingConfig
 from metaphorstar_jax.training import batching, checkpoints, metrics as metrics_lib, optimizer
 from metaphorstar_jax.training import step as step_lib
 from metaphorstar_jax.training.policy import SequenceBatch
-from test_qwen2_5_vl_model import tiny_batch
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO_ROOT, "configs", "tfq_grpo_tiny.py")
-# Wall-clock figures differ between runs; everything else must match exactly.
-TIMING_KEYS = {"step_seconds", "sample_seconds", "rollout_tokens_per_s"}
-
-
-def scaled_down_flags(workdir, sft_steps=2, grpo_steps=3):
-  return [f"--config={CONFIG}", f"--config.workdir={workdir}", "--config.log.progress_bar=False",
-          "--config.train.prompts_per_step=2", "--config.rl.group_size=2",
-          "--config.rl.max_new_tokens=6", "--config.eval.num_examples=2",
-          "--config.eval.every=0", "--config.checkpoint.every=1",
-          "--config.checkpoint.async_save=False",
-          f"--config.stages[0].steps={sft_steps}", f"--config.stages[1].steps={grpo_steps}",
-          "--config.data.task_options.num_records=16",
-          "--config.data.eval_task_options.num_records=4"]
-
+from helpers import (REPO_ROOT, history, make_steps, optim_config, scaled_down_flags,
+                     shapes_prompt_batches, smoke_default_config, tiny_batch)
 
 def run_train(flags, expect_kill=False):
   env = dict(os.environ)
@@ -48,13 +31,6 @@ def run_train(flags, expect_kill=False):
   else:
     assert result.returncode == 0, result.stderr[-3000:]
   return result
-
-
-def history(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return {row["step"]: {k: v for k, v in row.items() if k not in TIMING_KEYS}
-          for row in rows if "eval/accuracy" not in row}
 
 
 def final_params(workdir):
@@ -85,26 +61,6 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
   assert step_a == step_b == 5 and meta_a == meta_b
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def smoke_config(path):
-  """`get_config(smoke=True)` of the config file at `path`."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("config_under_test", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(smoke=True)
-
-
-def smoke_default_config(workdir):
-  """The README default in smoke mode on a few records, checkpointing synchronously."""
-  config = smoke_config(CONFIG)
-  config.workdir = str(workdir)
-  config.log.progress_bar = False
-  config.data.task_options = dict(config.data.task_options, num_records=16)
-  config.data.eval_task_options = dict(config.data.eval_task_options, num_records=4)
-  config.checkpoint.async_save = False
-  return config
 
 
 def test_scaled_down_default_trains_and_checkpoint_restores(tmp_path):
@@ -145,22 +101,6 @@ def grpo_inputs(model, group=4):
   rewards = np.random.default_rng(0).random((2, group)).astype(np.float32)
   advantages = np.asarray(rl.grpo_advantages(jnp.asarray(rewards))).reshape(-1)
   return seq, advantages, np.asarray(rollouts.logprobs_BN)
-
-
-def make_steps(model, loss_config=None):
-  optim = optimizer.make_optimizer(_optim_config())
-  graphdef, params = nnx.split(model)
-  steps = step_lib.TrainSteps(graphdef, optim, loss_config or rl.preset("metaphorstar").loss,
-                              temperature=1.0)
-  return steps, params, step_lib.init_optimizer_state(optim, params)
-
-
-def _optim_config():
-  import ml_collections
-  return ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, warmup_steps=0, total_steps=10, schedule="constant",
-      final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,
-      max_consecutive_nonfinite=3, frozen=()))
 
 
 def one_update(steps, params, opt_state, seq, advantages, sampler_logprobs, mesh=None):
@@ -279,21 +219,6 @@ def test_micro_batches_drop_prompt_padding_without_changing_the_logprobs():
                              np.asarray(steps.logprobs(params, seq)), rtol=1e-6, atol=1e-6)
 
 
-def shapes_prompt_batches(count, *, num_records, seed, batch_size=4):
-  """`count` batches of real one-image prompts (56 px shapes, statement only), in order."""
-  from metaphorstar_jax import data
-  from metaphorstar_jax.data.pipeline import PromptStream
-  from metaphorstar_jax.tasks import get_task, load_records
-  task = get_task("shapes", num_records=num_records, image_size=56, min_shapes=1, max_shapes=3,
-                  prompt="statement", seed=seed)
-  records, _ = load_records(task, None)
-  processor = data.ChatProcessor.from_tokenizer(
-      data.build_small_tokenizer(), data.ImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56))
-  stream = PromptStream(records, processor, task.build_conversation, batch_size=batch_size,
-                        seed=0, shuffle=False, max_prompt_tokens=512)
-  return [stream.next_batch() for _ in range(count)]
-
-
 def test_update_scores_every_completion_against_its_own_prompt_and_image():
   """A shuffled selection of prompts must carry their own ids and images to the update."""
   batch, = shapes_prompt_batches(1, num_records=8, seed=3)
@@ -392,7 +317,7 @@ def test_loss_metrics_of_micro_batches_add_up_to_the_mini_batch():
 def test_grad_norm_leaves_out_frozen_parameters():
   model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=8)
   graphdef, params = nnx.split(model)
-  config = _optim_config()
+  config = optim_config()
   config.frozen = (r"^visual/",)
   tx = optimizer.make_optimizer(config, params)
   steps = step_lib.TrainSteps(graphdef, tx, rl.preset("metaphorstar").loss, temperature=1.0,

@@ -14,7 +14,7 @@ from metaphorstar_jax.training.rollout import RolloutRows, ScoredGroups
 from metaphorstar_jax.data.pipeline import collate
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
-from test_train import shapes_prompt_batches, smoke_default_config
+from helpers import shapes_prompt_batches, smoke_default_config
 
 G = 2
 

@@ -9,7 +9,7 @@ import pytest
 
 from metaphorstar_jax import data, train
 from metaphorstar_jax.tasks import get_task
-from test_train import smoke_config
+from helpers import smoke_config
 
 CINEMA_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "configs", "cinema_7b.py")

@@ -13,7 +13,7 @@ from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler, SamplingConfig
 from metaphorstar_jax.training import policy
 from metaphorstar_jax.training.policy import SequenceBatch, completion_logprobs
-from test_qwen2_5_vl_model import tiny_batch
+from helpers import tiny_batch
 
 
 def test_trainer_logprobs_equal_sampler_logprobs_and_chunking_is_exact():

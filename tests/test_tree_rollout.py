@@ -17,7 +17,7 @@ from metaphorstar_jax.sampling import Sampler, SamplingConfig
 from metaphorstar_jax.training import batching, objective as objective_lib, rollout
 from metaphorstar_jax.training import step as step_lib
 from metaphorstar_jax.training.policy import completion_logprobs
-from test_train import make_steps, shapes_prompt_batches, smoke_default_config
+from helpers import make_steps, shapes_prompt_batches, smoke_default_config
 
 
 # --- pure pieces ---------------------------------------------------------------------------------

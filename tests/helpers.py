@@ -5,6 +5,8 @@ command line scaled down), `smoke_config`/`smoke_default_config` (its smoke mode
 `history` (a run's metrics.jsonl by step, without wall-clock figures). Model inputs: `tiny_batch`
 (two prompts for the tiny preset, one with two images), `shapes_prompt_batches` (real one-image
 prompts). Updates: `optim_config` and `make_steps` (a TrainSteps with its optimizer state).
+Checkpoints: `run_like_arrays` (a small tree like a run's), `save_steps` (a checkpoint folder of
+such steps), `largest_data_file` (a step's biggest array file, to damage).
 
 `JudgeServer` is a scripted OpenAI-style chat-completions endpoint on 127.0.0.1: it answers
 POST /v1/chat/completions from a thread on an ephemeral port (GET too, where a redirect turned the
@@ -14,6 +16,7 @@ most `max_requests` and shuts down when its `with` block ends.
 """
 
 import collections
+import glob
 import http.server
 import importlib.util
 import json
@@ -124,6 +127,30 @@ def make_steps(model, loss_config=None):
                               temperature=1.0)
   return steps, params, step_lib.init_optimizer_state(optim, params)
 
+
+
+def run_like_arrays(scale: float) -> dict:
+  """A small tree like a run's: float parameters big enough to span a data file, counters."""
+  import jax.numpy as jnp
+  return {"params": {"kernel": jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64) * scale,
+                     "bias": jnp.full((8,), scale, jnp.bfloat16)},
+          "opt_state": {"count": jnp.int32(3), "finite": jnp.array(True)}}
+
+
+def save_steps(directory, steps=(1, 2, 3), async_save=False):
+  """Saves `run_like_arrays(step)` at each of `steps` under `directory`, data position = step,
+  meta {"stage_index": 0, "step": step}."""
+  from metaphorstar_jax.training import checkpoints
+  with checkpoints.Checkpointer(directory, async_save=async_save) as ckpt:
+    for step in steps:
+      ckpt.save(step, run_like_arrays(step), {"position": step}, {"stage_index": 0, "step": step},
+                {"config": {"seed": 0}})
+
+
+def largest_data_file(directory, step):
+  """The largest array data file of step `step` under the Orbax folder `directory`."""
+  files = glob.glob(os.path.join(directory, str(step), "arrays", "**", "d", "*"), recursive=True)
+  return max(files, key=os.path.getsize)
 
 class _QuietServer(http.server.ThreadingHTTPServer):
   daemon_threads = True

@@ -9,6 +9,10 @@ Each step also holds a JSON record of the run that saved it (`run`): its redacte
 fingerprint of its data and a checksum of every array. `restore` refuses arrays whose checksum
 does not match, so damaged files are found before a run trains on them, and `save` refuses
 parameters that are not finite.
+
+The pieces live in their own modules and are named here too, so that callers need only
+`checkpoints`: `checksums` (array checksums), `checkpoint_files` (folders, saved steps and arrays
+read without a run) and `resumption` (the step a resumed run starts from).
 """
 
 from __future__ import annotations
@@ -19,18 +23,15 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-ITEMS = ("arrays", "data", "meta", "run")
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint could not be written, or what was read back is not what was written."""
+from metaphorstar_jax.training.checkpoint_files import (  # noqa: F401  (named here for callers)
+    ITEMS, CheckpointError, SavedArrays, checkpoint_location, resolve_step, saved_steps)
+from metaphorstar_jax.training.checksums import array_summaries
+from metaphorstar_jax.training.resumption import Resumption  # noqa: F401  (named here for callers)
 
 
 class Checkpointer:
@@ -205,208 +206,5 @@ class Checkpointer:
       self._manager.close()
 
 
-class Resumption:
-  """The saved step a resumed run starts from: checkpoint.step when it names one (`requested`
-  >= 0), else the newest step that restores. `step`, `meta` (stage and step) and `record` (the
-  saving run's config and data) describe the current choice.
-
-  A step whose metadata cannot be read is passed over at once; one whose arrays do not restore
-  (a missing or truncated file, a checksum that does not match) when `restore` finds it so.
-  Every step passed over is named in a warning, with why. A requested step is never swapped for
-  another: its failure is an error.
-  """
-
-  def __init__(self, checkpointer: Checkpointer, requested: int, saved: list[int]):
-    self._checkpointer = checkpointer
-    self.requested = requested
-    self._candidates = [requested] if requested >= 0 else sorted(saved, reverse=True)
-    self.skipped: list[tuple[int, str]] = []
-    self.step, self.meta, self.record = None, None, None
-    self._next()
-
-  @classmethod
-  def find(cls, checkpointer: Checkpointer, requested: int = -1) -> Resumption | None:
-    """The resumption of the run saved under `checkpointer`; None when it holds no step."""
-    saved = checkpointer.all_steps()
-    if requested >= 0 and requested not in saved:
-      raise ValueError(f"checkpoint.step={requested}: {checkpointer.directory} holds no "
-                       f"checkpoint of that step; saved steps: {saved}.")
-    return cls(checkpointer, requested, saved) if saved else None
-
-  def _next(self) -> None:
-    """Moves to the next candidate whose metadata reads; CheckpointError when none is left."""
-    while self._candidates:
-      step = self._candidates.pop(0)
-      try:
-        meta = self._checkpointer.restore_meta(step)
-        record = self._checkpointer.restore_run_record(step)
-      except Exception as e:  # Orbax and TensorStore raise many kinds
-        self._skip(step, e)
-        continue
-      self.step, self.meta, self.record = step, meta, record
-      return
-    reasons = "; ".join(f"step {step}: {why}" for step, why in self.skipped)
-    advice = ("Pick another with --config.checkpoint.step=N" if self.requested >= 0 else
-              "Train afresh with --config.checkpoint.resume=False "
-              "--config.checkpoint.overwrite=True")
-    raise CheckpointError(f"No checkpoint under {self._checkpointer.directory} restores "
-                          f"({reasons}). {advice}.")
-
-  def _skip(self, step: int, error: Exception) -> None:
-    why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-    self.skipped.append((step, why))
-    logging.warning("Not resuming from step %d under %s: %s", step,
-                    self._checkpointer.directory, why)
-
-  def restore(self, abstract_arrays: Any, stage_index: int) -> tuple[Any, dict, dict] | None:
-    """(arrays, data state, meta) of the newest step of stage `stage_index` that restores into
-    `abstract_arrays`; None when the next step to try is of an earlier stage (`meta` says which),
-    whose arrays have another structure. Steps after the one restored are set aside."""
-    while self.meta["stage_index"] == stage_index:
-      try:
-        found = self._checkpointer.restore(self.step, abstract_arrays)
-      except Exception as e:
-        self._skip(self.step, e)
-        self._next()
-        continue
-      later = [s for s in self._checkpointer.all_steps() if s > self.step]
-      if later:  # or every save after this step would be declined as older than the latest
-        self._checkpointer.set_aside(later)
-      if self.skipped:
-        logging.warning("Resuming from step %d; passed over: %s.", self.step,
-                        "; ".join(f"step {step} ({why})" for step, why in self.skipped))
-      return found
-    return None
-
-
 def _json(tree: dict) -> dict:
   return json.loads(json.dumps(tree, default=str))
-
-
-def _words(x: jax.Array) -> jax.Array:
-  """The bytes of `x` as uint32 words (narrower types widened; 8-byte ones split in two)."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    x = x.astype(jnp.uint8)
-  if x.dtype.itemsize == 8:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-def _checksum(x: jax.Array) -> jax.Array:
-  """Sum over the words of `x` of word × (2·position + 1), modulo 2^32.
-
-  Integer sums do not depend on the order of reduction, so the value is the same however the
-  array is sharded, on any number of hosts, and no host gathers the model to compute it. Odd
-  weights are invertible modulo 2^32: any one changed word, a flipped byte say, changes the sum.
-  """
-  words = _words(x)
-  position, stride = jnp.zeros(words.shape, jnp.uint32), 1
-  for axis in reversed(range(words.ndim)):
-    position += jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride)
-    stride = stride * words.shape[axis] % 2**32
-  return jnp.sum(words * (2 * position + 1), dtype=jnp.uint32)
-
-
-def _all_finite(x: jax.Array) -> jax.Array:
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    return jnp.isfinite(x).all()
-  return jnp.array(True)
-
-
-@jax.jit
-def _summaries(arrays):
-  return jax.tree.map(_checksum, arrays), jax.tree.map(_all_finite, arrays)
-
-
-def array_summaries(arrays: Any) -> tuple[dict[str, list], dict[str, bool]]:
-  """({leaf name: [dtype, checksum]}, {leaf name: all finite}) of a pytree of arrays; names are
-  the keys from the root joined by '/', e.g. 'params/visual/patch_embed/kernel'."""
-  arrays = jax.tree.map(jnp.asarray, arrays)
-  checksums, finite = jax.device_get(_summaries(arrays))
-  name = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")
-  dtypes = {name(p): str(x.dtype) for p, x in jax.tree_util.tree_leaves_with_path(arrays)}
-  return ({name(p): [dtypes[name(p)], int(c)]
-           for p, c in jax.tree_util.tree_leaves_with_path(checksums)},
-          {name(p): bool(f) for p, f in jax.tree_util.tree_leaves_with_path(finite)})
-
-
-def checkpoint_location(path: str) -> tuple[str, str]:
-  """(Orbax folder, run folder) for a run folder, its checkpoints/ folder or one step's folder
-  (`.../checkpoints/50`); FileNotFoundError when `path` does not exist."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), path
-  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "arrays")):
-    return os.path.dirname(path), os.path.dirname(os.path.dirname(path))
-  if os.path.isdir(path):
-    return path, os.path.dirname(path)
-  raise FileNotFoundError(f"Checkpoint path {path!r} does not exist; pass a training run folder "
-                          "(holding checkpoints/) or a checkpoints folder.")
-
-
-def saved_steps(directory: str) -> list[int]:
-  """The steps with a finished checkpoint under the Orbax folder `directory`, ascending; [] when
-  there is none (or no such folder). Never creates anything."""
-  if "://" not in directory and not os.path.isdir(directory):
-    return []
-  manager = ocp.CheckpointManager(directory, item_names=ITEMS,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  steps = sorted(manager.all_steps())
-  manager.close()
-  return steps
-
-
-def resolve_step(directory: str, step: int | None = None) -> int:
-  """`step` if `directory` holds a finished checkpoint of it, else the latest one with None;
-  FileNotFoundError when there is none at all, ValueError naming the saved steps otherwise."""
-  available = saved_steps(directory)
-  if not available:
-    raise FileNotFoundError(f"No checkpoint under {directory}; has the run saved one "
-                            "(config.checkpoint.every)?")
-  if step is None:
-    return available[-1]
-  if step not in available:
-    raise ValueError(f"No checkpoint of step {step} under {directory}; saved steps: "
-                     f"{available}.")
-  return step
-
-
-class SavedArrays:
-  """The arrays of one saved step, read one leaf at a time into host memory.
-
-  Nothing but the leaves asked for is read, whatever mesh or number of hosts saved them, so a
-  pod's checkpoint opens on one machine and, e.g., exporting the policy never touches the
-  optimizer state. A leaf is named by its keys from the root: ("params", "visual", ...).
-  """
-
-  def __init__(self, directory: str, step: int):
-    if "://" not in directory:
-      directory = os.path.abspath(directory)
-    self.path = os.path.join(directory, str(step), "arrays")
-    self._checkpointer = ocp.PyTreeCheckpointer()
-    self.tree = self._checkpointer.metadata(self.path).item_metadata.tree
-
-  def metadata(self, keys: tuple[str, ...]):
-    """The saved leaf's metadata (.shape, .dtype); KeyError naming the missing key."""
-    node = self.tree
-    for depth, key in enumerate(keys):
-      if not isinstance(node, dict) or key not in node:
-        raise KeyError(f"Checkpoint {self.path} has no array {'/'.join(keys)} (no "
-                       f"{'/'.join(keys[:depth + 1])!r}).")
-      node = node[key]
-    return node
-
-  def read(self, keys: tuple[str, ...]) -> np.ndarray:
-    """The whole leaf at `keys` as a NumPy array of its saved dtype."""
-    self.metadata(keys)
-    item, restore_args = np.zeros(()), ocp.RestoreArgs(restore_type=np.ndarray)
-    for key in reversed(keys):
-      item, restore_args = {key: item}, {key: restore_args}
-    restored = self._checkpointer.restore(self.path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-    for key in keys:
-      restored = restored[key]
-    return restored

@@ -36,7 +36,8 @@ def make_optimizer(cfg, params=None) -> optax.GradientTransformation:
   """AdamW with clipping; parameters matching `cfg.frozen` (regexes) receive no update.
 
   A step whose gradients hold NaN or inf leaves parameters and moments untouched and is counted
-  (`optax.apply_if_finite`); after `max_consecutive_nonfinite` such steps in a row it raises.
+  (`optax.apply_if_finite`). After `max_consecutive_nonfinite` such steps in a row optax applies
+  the next one anyway, NaN and all; `state.check_updates` stops the run before that.
 
   Args:
     cfg: ConfigDict with learning_rate, warmup_steps, total_steps, schedule, final_lr_fraction,

@@ -1,0 +1,72 @@
+"""The run's folder: a fresh run refuses another run's checkpoints unless told to clear its
+outputs, and a resume refuses a config or data that change what the saved steps mean."""
+
+import logging
+import os
+
+import jax.numpy as jnp
+import pytest
+
+from metaphorstar_jax import config_defaults
+from metaphorstar_jax.training import checkpoints, workdir as wd
+
+FINGERPRINT = {"num_records": 16, "ids_sha256": "ab12"}
+
+
+def run_config(workdir="runs/x"):
+  config = config_defaults.base_config()
+  config.workdir = str(workdir)
+  return config
+
+
+def test_a_resume_with_the_same_config_and_data_passes_and_a_changed_field_is_named():
+  config = run_config()
+  saved = wd.run_record(config, FINGERPRINT)
+  wd.check_resume(saved, config, FINGERPRINT, step=4)
+  config.log.progress_bar = not config.log.progress_bar  # not a RESUME_FIELDS field
+  config.data.num_workers = 3
+  wd.check_resume(saved, config, FINGERPRINT, step=4)
+  config.train.prompts_per_step += 1
+  with pytest.raises(ValueError, match=r"saved step 4 in runs/x .*train.prompts_per_step: saved "
+                                       r"8, now 9\. .*allow_config_change=True"):
+    wd.check_resume(saved, config, FINGERPRINT, step=4)
+
+
+def test_changed_data_or_stages_are_refused_and_allow_config_change_only_warns(caplog):
+  config = run_config()
+  saved = wd.run_record(config, FINGERPRINT)
+  with pytest.raises(ValueError, match=r"data fingerprint ids_sha256: saved 'ab12', now 'cd34'"):
+    wd.check_resume(saved, config, dict(FINGERPRINT, ids_sha256="cd34"), step=2)
+  config.stages = [*config.stages, config_defaults.stage("more", kind="grpo", steps=1,
+                                                         learning_rate=1e-6)]
+  with pytest.raises(ValueError, match=r"len\(stages\): saved \d+, now \d+.*stages\.\d+\.name: "
+                                       r"saved '<absent>', now 'more'"):
+    wd.check_resume(saved, config, FINGERPRINT, step=2)
+  config.checkpoint.allow_config_change = True
+  with caplog.at_level(logging.WARNING):
+    wd.check_resume(saved, config, FINGERPRINT, step=2)
+  assert "Resuming step 2 with a changed config" in caplog.text and "'more'" in caplog.text
+
+
+def test_a_step_without_a_record_resumes_with_a_warning(caplog):
+  with caplog.at_level(logging.WARNING):
+    wd.check_resume({}, run_config(), FINGERPRINT, step=3)
+  assert "Step 3 records no config" in caplog.text
+
+
+def test_a_fresh_run_refuses_old_checkpoints_unless_it_clears_that_runs_outputs(tmp_path):
+  config = run_config(tmp_path)
+  config.checkpoint.resume = False
+  wd.prepare_fresh_workdir(config)  # an empty workdir is fine
+  with checkpoints.Checkpointer(str(tmp_path / "checkpoints"), async_save=False) as ckpt:
+    ckpt.save(3, {"w": jnp.arange(2.0)}, {}, {})
+  (tmp_path / "metrics.jsonl").write_text("{}\n")
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match=r"holds checkpoints of another run \(steps \[3\]\)"):
+    wd.prepare_fresh_workdir(config)
+  config.checkpoint.resume = True
+  wd.prepare_fresh_workdir(config)  # resuming keeps them
+  assert os.path.exists(tmp_path / "metrics.jsonl")
+  config.checkpoint.resume, config.checkpoint.overwrite = False, True
+  wd.prepare_fresh_workdir(config)
+  assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # only the run's outputs went

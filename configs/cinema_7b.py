@@ -9,22 +9,14 @@
 3. dapo (grpo): annealed exploitation with DAPO (§4.2), CURE's second stage (§4.3).
 Unknown numbers are marked [GAP] or [infer] with the choice made here.
 
-Per-stage fields beyond name/kind/steps/learning_rate/warmup_steps (the trainer applies them for
-that stage only; absent means the config-wide value):
-  rl_preset: replaces config.rl.preset.
-  rl_overrides: LossConfig fields merged over config.rl.overrides.
-  group_size: replaces config.rl.group_size (for tree rollouts, the final group size).
-  prompts_per_step: replaces config.train.prompts_per_step.
-  gen_prompts_per_step: prompts sampled per generation batch when dynamic sampling
-    (filter_groups) keeps only groups with mixed rewards, until prompts_per_step are kept.
-  tree_rollout: dict(num_roots, branches, entropy_top_k, min_token_chars): branch each of
-    num_roots rollouts at a random one of its entropy_top_k highest-entropy tokens (skipping
-    special tokens and tokens of at most min_token_chars - 1 visible characters) into
-    `branches` continuations; group = num_roots · (1 + branches). See rl/tree.py: a branch is
-    rewarded on prefix + continuation and trained on its continuation only.
-  sft_data: the cold-start trajectories (JSONL with the record fields plus a "target" text);
-    empty: the trainer's format-only warm start; unset (a placeholder): required, the run
-    refuses to start without it.
+The stages use the per-stage fields of config_defaults.STAGE_FIELDS (each replaces a run-wide
+value for its stage only; left out, the run-wide value holds):
+  rl_preset, rl_overrides (merged over rl.overrides), group_size, prompts_per_step,
+  gen_prompts_per_step (prompts drawn per generation batch while dynamic sampling keeps only
+  groups with mixed rewards), tree_rollout (num_roots rollouts, each branched at a random one of
+  its entropy_top_k highest-entropy tokens into `branches` continuations; group =
+  num_roots · (1 + branches); see rl/tree.py), and sft_data (the cold-start trajectories: JSONL
+  with the record fields plus a "target" text; unset, as here: required).
 
     python -m metaphorstar_jax.train --config=configs/cinema_7b.py \
         --config.model.hf_path=/ckpt/Qwen2.5-VL-7B-Instruct \
@@ -91,7 +83,7 @@ def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
       # examples a step (445 steps) at RewardMap's SFT lr 1e-5 with 10% warmup (§2.2).
       common.stage("cold_start", kind="sft", steps=445, learning_rate=1e-5, warmup_steps=45,
                    prompts_per_step=128,
-                   sft_data=ml_collections.config_dict.placeholder(str)),  # required: no data,
+                   sft_data=common.unset(str)),  # required: no data,
                    # no cold start (the format-only warm start would teach T|F answers here)
       # §4.3: CURE's first stage ran 300 steps; lr 1e-6 with 10 warmup steps.
       common.stage("exploration", kind="grpo", steps=300, learning_rate=1e-6, warmup_steps=10,

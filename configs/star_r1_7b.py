@@ -48,7 +48,7 @@ def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
 
   config.rl.preset = "grpo"  # §3.3: GRPO, single-stage pure RL; its knobs are [GAP] (verl's)
   config.rl.overrides = {}
-  config.rl.group_size = -1  # [GAP] the preset's n=5
+  config.rl.group_size = None  # [GAP] unset: the preset's n=5
   config.rl.temperature = 1.0  # [GAP] the usual rollout temperature
   config.rl.top_p = 1.0  # [GAP]
   config.rl.max_new_tokens = 1024  # [GAP] a reasoning span plus a short list of changes

@@ -1,18 +1,82 @@
 """Defaults every training config starts from, and small helpers the configs share (configs/*.py)."""
 
+import difflib
+
 import ml_collections
 from absl import logging
+from ml_collections import config_dict
 
 
-def stage(name: str, *, kind: str, steps: int, learning_rate: float, warmup_steps: int = 0,
-          **extra) -> ml_collections.ConfigDict:
-  """One stage of a run: 'sft' (supervised warm start) or 'grpo'; its output starts the next."""
-  return ml_collections.ConfigDict(dict(name=name, kind=kind, steps=steps,
-                                        learning_rate=learning_rate, warmup_steps=warmup_steps,
-                                        **extra))
+def unset(field_type: type):
+  """A field left unset (None) that still parses as `field_type` from the command line
+  (`--config.rl.group_size=8`); see base_config for what an unset field means."""
+  return config_dict.placeholder(field_type)
+
+
+# A stage's fields: (the default, what it does); a type as the default means unset (None) of that
+# type. name, kind, steps and learning_rate are stage()'s required arguments. Every field after
+# warmup_steps replaces a run-wide value for this stage only, and its default (unset, or {} for a
+# dict) keeps that value. The exception is sft_data, which has no run-wide value: unset, the
+# stage needs one (the run refuses to start without it).
+STAGE_FIELDS = {
+    "name": ("", "names the stage in logs, metrics and checkpoints"),
+    "kind": ("", "'sft' (supervised) or 'grpo'; each stage starts from the previous one's weights"),
+    "steps": (0, "optimizer steps of this stage"),
+    "learning_rate": (0.0, "the peak learning rate (optim.schedule after the warmup)"),
+    "warmup_steps": (0, "steps of linear learning-rate warmup from 0"),
+    "rl_preset": (str, "replaces rl.preset"),
+    "rl_overrides": ({}, "LossConfig fields merged over rl.overrides"),
+    "group_size": (int, "replaces rl.group_size (for tree rollouts, the final group size)"),
+    "tree_rollout": ({}, "entropy-branched groups for this stage (rl.TreeRollout fields: "
+                     "num_roots, branches, entropy_top_k, min_token_chars), replacing "
+                     "rl.tree_rollout; {}: rl.tree_rollout's"),
+    "prompts_per_step": (int, "replaces train.prompts_per_step"),
+    "gen_prompts_per_step": (int, "replaces train.gen_prompts_per_step: prompts drawn per "
+                             "generation batch when dynamic sampling (filter_groups) keeps only "
+                             "groups with mixed rewards, until prompts_per_step are kept"),
+    "sft_data": ("", "an sft stage's supervised trajectories (the task's records plus a 'target' "
+                 "text, e.g. JSONL); '': the format-only warm-start targets of config.warmup;"
+                 " unset (None): required, the run refuses to start without it"),
+}
+
+
+def closest_name_hint(name: str, known) -> str:
+  """' (did you mean "group_size"?)' for the known name closest to `name`, or ''."""
+  close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.5)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def stage(name: str, *, kind: str, steps: int, learning_rate: float,
+          **fields) -> ml_collections.ConfigDict:
+  """One stage of a run, locked, with every field of STAGE_FIELDS (`fields` set some of them).
+
+  A field not in STAGE_FIELDS is a ValueError naming the closest one."""
+  for key in fields:
+    if key not in STAGE_FIELDS:
+      raise ValueError(f"A stage has no field {key!r}{closest_name_hint(key, STAGE_FIELDS)}; its "
+                       f"fields are {', '.join(STAGE_FIELDS)} (config_defaults.STAGE_FIELDS).")
+  values = {key: unset(default) if isinstance(default, type) else default
+            for key, (default, _) in STAGE_FIELDS.items()}
+  values.update(name=name, kind=kind, steps=steps, learning_rate=learning_rate)
+  config = ml_collections.ConfigDict(values)
+  for key, value in fields.items():  # through the ConfigDict, so placeholders keep their type
+    config[key] = value
+  config.lock()
+  return config
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every field a run config has, with its default, locked: a config file or a command-line
+  override can change a field but not add one (a typo is an error naming the closest field).
+
+  One convention for "not set here": None (a field made by `unset(type)`, which still parses as
+  its type on the command line). An unset field takes the value its comment names: the RL
+  preset's (rl.group_size, rl.temperature, rl.top_p), the evaluation preset's (eval.temperature,
+  eval.top_p), or another field's (eval.max_new_tokens, train.gen_prompts_per_step, a stage's
+  overrides of run-wide fields). Dict-valued fields (rl.overrides, rl.tree_rollout,
+  data.task_options, data.eval_task_options) are {} when they add nothing; their keys are checked
+  against their own schemas (check_dict_keys).
+  """
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.workdir = "runs/default"
@@ -49,10 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.rl = ml_collections.ConfigDict(dict(
       preset="metaphorstar",  # rl.preset(): grpo, dr_grpo, dapo, gspo, metaphorstar
       overrides={},  # LossConfig fields, e.g. {"clip_ratio_high": 0.28}
-      group_size=-1,  # -1: the preset's rollout.n
-      temperature=-1.0,  # -1: the preset's
-      top_p=-1.0,
-      top_k=0,
+      group_size=unset(int),  # unset: the preset's rollout.n
+      temperature=unset(float),  # unset: the preset's
+      top_p=unset(float),  # unset: the preset's
+      top_k=0,  # 0: no top-k truncation
       max_new_tokens=256,
       # Entropy-branched groups (rl.TreeRollout fields: num_roots, branches, entropy_top_k,
       # min_token_chars); empty: G independent rollouts per prompt.
@@ -60,7 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.train = ml_collections.ConfigDict(dict(
       prompts_per_step=8,
-      gen_prompts_per_step=0,  # DAPO dynamic sampling's generation batch; 0: prompts_per_step
+      # DAPO dynamic sampling's generation batch; unset: prompts_per_step.
+      gen_prompts_per_step=unset(int),
       ppo_epochs=1,  # μ: passes over each step's rollouts
       num_minibatches=1,  # optimizer updates per pass
       grad_accum_steps=1,  # micro-batches per update
@@ -71,14 +136,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict(dict(
       schedule="constant", final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.01, grad_clip_norm=1.0, max_consecutive_nonfinite=10))
+  # The targets an sft stage without sft_data learns (a format-only warm start).
   config.warmup = ml_collections.ConfigDict(dict(
-      think="Let me look at the image carefully.",  # the <think> text of warm-start targets
+      think="Let me look at the image carefully.",  # the <think> text of each target
       answers=("T", "F"),  # never the record's own: the warm start teaches format, not the task
       every_answer=True,  # one target per answer (an even split); False: one drawn at random
   ))
   config.stages = [stage("grpo", kind="grpo", steps=100, learning_rate=1e-6)]
 
-  # Evaluation, periodic and by the evaluate CLI alike (evaluate.sampling_config): greedy, or
+  # Evaluation, periodic and by the evaluate CLI alike (evaluation.sampling_config): greedy, or
   # sampled at `temperature` / `top_p` (-1: the RL preset's validation values); `max_new_tokens`
   # (-1: rl.max_new_tokens); `num_samples` completions per record, metrics averaged over them.
   config.eval = ml_collections.ConfigDict(dict(
@@ -106,8 +172,17 @@ def base_config() -> ml_collections.ConfigDict:
                                                images_per_prompt=1))
   # Fault injection for resumption tests (0: never): SIGKILL the process right after the
   # checkpoint of global step `kill_after_checkpoint` is on disk; SIGTERM it in the middle of
-  # global step `signal_at_step` (a pre-emption).
+  # global step `signal_at_step` (a pre-emption; of process 0 only, which the others must follow).
   config.debug = ml_collections.ConfigDict(dict(kill_after_checkpoint=0, signal_at_step=0))
+  # The LLM judge of open-ended answers (tfq_osq, judge.py). URL and key come from here or from
+  # METAPHORSTAR_JUDGE_URL / METAPHORSTAR_JUDGE_API_KEY. timeout_s bounds each socket read,
+  # deadline_s a whole request (a server may trickle), and max_reply_bytes a reply (a grade is a
+  # few hundred bytes). Empty base_url, model or api_key: the environment's.
+  config.judge = ml_collections.ConfigDict(dict(
+      base_url="", model="", api_key="", repeats=3, temperature=0.0, top_p=0.9,
+      image_detail="high", cache_path="", timeout_s=60.0, deadline_s=120.0,
+      max_reply_bytes=1 << 20))
+  config.lock()
   return config
 
 
@@ -168,7 +243,7 @@ def make_smoke(config: ml_collections.ConfigDict) -> None:
   prompts = parts * -(-2 // parts)  # at least two prompts, split evenly into every part
   config.train.num_minibatches, config.train.grad_accum_steps = minibatches, accumulation
   config.train.prompts_per_step = prompts
-  config.train.gen_prompts_per_step = 0
+  config.train.gen_prompts_per_step = None
   if config.train.logit_chunk > 0:  # still chunked: a chunk below the smoke completions' length
     config.train.logit_chunk = min(config.train.logit_chunk, SMOKE_NEW_TOKENS // 2)
   config.rl.group_size = SMOKE_GROUP_SIZE
@@ -181,17 +256,16 @@ def make_smoke(config: ml_collections.ConfigDict) -> None:
   for s in config.stages:
     s.steps = 2
     s.warmup_steps = 0
-    if "prompts_per_step" in s:
+    if s.prompts_per_step is not None:
       s.prompts_per_step = prompts
-    if "gen_prompts_per_step" in s:
+    if s.gen_prompts_per_step is not None:
       s.gen_prompts_per_step = prompts
-    if "rl_overrides" in s:
-      s.rl_overrides = _smoke_overrides(s.rl_overrides)
-    if s.get("tree_rollout"):
+    s.rl_overrides = _smoke_overrides(s.rl_overrides)
+    if s.tree_rollout:
       s.tree_rollout = dict(s.tree_rollout, num_roots=1, branches=1)
-    if "group_size" in s:
+    if s.group_size is not None:
       s.group_size = SMOKE_GROUP_SIZE  # a smoke tree's 1 root + 1 branch too
-    if "sft_data" in s and s.sft_data is None:  # required data: see SMOKE_SWITCHES_OFF
+    if s.sft_data is None:  # required data: see SMOKE_SWITCHES_OFF
       s.sft_data = ""
 
 
@@ -207,6 +281,44 @@ def _smoke_overrides(overrides) -> dict:
   if "filter_groups" in overrides:
     overrides["filter_groups"] = False
   return overrides
+
+
+def dict_field_schemas(config) -> dict[str, tuple[str, list[str]]]:
+  """{path of a dict-valued field: (what its keys are, the valid keys)} for `config`."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from metaphorstar_jax import rl  # here: config files import this module, and rl imports jax
+  from metaphorstar_jax.tasks import get_task
+  loss = ("rl.LossConfig fields", [f.name for f in dataclasses.fields(rl.LossConfig)])
+  tree = ("rl.TreeRollout fields", [f.name for f in dataclasses.fields(rl.TreeRollout)])
+  schemas = {"rl.overrides": loss, "rl.tree_rollout": tree}
+  task_options = getattr(get_task(config.data.task), "options", None)
+  if dataclasses.is_dataclass(task_options):  # a task of our own kind (tasks/records.py)
+    options = (f"options of the task {config.data.task!r}",
+               [f.name for f in dataclasses.fields(task_options)])
+    schemas.update({"data.task_options": options, "data.eval_task_options": options})
+  for index in range(len(config.stages)):
+    schemas[f"stages[{index}].rl_overrides"] = loss
+    schemas[f"stages[{index}].tree_rollout"] = tree
+  return schemas
+
+
+def field_value(config, path: str):
+  """The value at a field path such as 'rl.overrides' or 'stages[1].tree_rollout'."""
+  value = config
+  for part in path.replace("[", ".").replace("]", "").split("."):
+    value = value[int(part)] if part.isdigit() else value[part]
+  return value
+
+
+def check_dict_keys(config) -> None:
+  """ValueError for a key of a dict-valued field (rl.overrides, rl.tree_rollout, the task
+  options, a stage's rl_overrides and tree_rollout) outside that field's schema, naming the
+  closest valid key."""
+  for path, (what, valid) in dict_field_schemas(config).items():
+    for key in field_value(config, path) or {}:
+      if key not in valid:
+        raise ValueError(f"config.{path} has no key {key!r}{closest_name_hint(key, valid)}: its "
+                         f"keys are {what}, {', '.join(sorted(valid))}.")
 
 
 def tfq_grpo(size: str, *, grad_accum_steps: int, smoke: bool = False) -> ml_collections.ConfigDict:
@@ -266,13 +378,11 @@ def tfq_grpo(size: str, *, grad_accum_steps: int, smoke: bool = False) -> ml_col
   config.checkpoint.keep = 3  # §1.4: save_limit
 
   # The OSQ judge (§1.8): GPT-4o at temperature 0, top_p 0.9, image at detail "high", at least 3
-  # repeats averaged. URL and key come from METAPHORSTAR_JUDGE_URL / METAPHORSTAR_JUDGE_API_KEY.
-  # timeout_s bounds each socket read, deadline_s a whole request (a server may trickle), and
-  # max_reply_bytes a reply (a grade is a few hundred bytes).
-  config.judge = ml_collections.ConfigDict(dict(
-      base_url="", model="gpt-4o-2024-11-20", api_key="", repeats=3, temperature=0.0, top_p=0.9,
-      image_detail="high", cache_path="", timeout_s=60.0, deadline_s=120.0,
-      max_reply_bytes=1 << 20))
+  # repeats averaged.
+  config.judge.model = "gpt-4o-2024-11-20"  # §1.8
+  config.judge.repeats = 3  # §1.8
+  config.judge.temperature, config.judge.top_p = 0.0, 0.9  # §1.8
+  config.judge.image_detail = "high"  # §1.8
 
   if smoke:
     make_smoke(config)

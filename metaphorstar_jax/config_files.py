@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import sys
 from collections.abc import Sequence
 
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
+from ml_collections.config_flags import config_path
+
+from metaphorstar_jax import config_defaults
 
 DEFAULT = "tfq_grpo_tiny"  # the embedded default every entry point starts from
 
@@ -68,6 +73,103 @@ def config_spec(argv: Sequence[str], default: str) -> str:
   return found
 
 
+def _path_text(parts) -> str:
+  """'stages[1].group_size' for ('stages', 1, 'group_size')."""
+  text = ""
+  for part in parts:
+    text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+  return text
+
+
+def unknown_field_error(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """Why `--config.<path>` names no field of `config` (one line, with the closest valid name), or
+  None when it names one. `path` is ml_collections' ('rl.group_size', 'stages[1].steps')."""
+  try:
+    config_path.get_value(path, config)
+    return None
+  except (KeyError, IndexError, AttributeError, TypeError, ValueError):
+    pass
+  parts = config_path.split(path)
+  node = config
+  for depth, part in enumerate(parts):
+    where = _path_text(parts[:depth])
+    if isinstance(node, (list, tuple)):
+      if isinstance(part, int) and 0 <= part < len(node):
+        node = node[part]
+        continue
+      return f"config.{where} has {len(node)} entries (indices 0 to {len(node) - 1})."
+    keys = list(node.keys()) if isinstance(node, (dict, ml_collections.ConfigDict)) else []
+    if part in keys:
+      node = node[part]
+      continue
+    schemas = config_defaults.dict_field_schemas(config) if where else {}
+    if where in schemas:  # a dict-valued field: keys of its own schema, given as a dict
+      what, valid = schemas[where]
+      if part in valid:
+        return (f"config.{where} holds only the keys its config file set; give "
+                f"others as a dict, --config.{where}=\"{{'{part}': ...}}\" (merged into the "
+                "file's).")
+      return (f"config.{where} has no key {part!r}"
+              f"{config_defaults.closest_name_hint(part, valid)}; its keys are {what}.")
+    if not keys:
+      return f"config.{where} is {node!r}, which has no fields."
+    hint = config_defaults.closest_name_hint(part, keys)
+    if hint:
+      close = hint[len(" (did you mean '"):-len("'?)")]
+      hint = f" (did you mean {_path_text((*parts[:depth], close))!r}?)"
+    return (f"config has no field {_path_text(parts[:depth + 1])!r}{hint}; "
+            f"config{'.' + where if where else ''} has {', '.join(map(str, keys))}.")
+  return None
+
+
+class _UnknownFieldParser(flags.ArgumentParser):
+  """Stands in for an override of a field the config lacks: parsing it is the error."""
+
+  def __init__(self, message: str):
+    self.message = message
+
+  def parse(self, argument):
+    raise ValueError(self.message)
+
+  def flag_type(self):
+    return "an unknown config field"
+
+
+def define_config_flag(name: str, default: str, help_string: str,
+                       flag_values: flags.FlagValues = flags.FLAGS,
+                       sys_argv: Sequence[str] | None = None):
+  """config_flags.DEFINE_config_file, but `--name.<path>` for a field the config lacks is a
+  one-line flags error naming the closest field (ml_collections raised an AttributeError
+  traceback, at import for a module-level flag). The config comes out locked (base_config)."""
+  argv = list(sys.argv if sys_argv is None else sys_argv)
+  override = re.compile(rf"^-{{1,2}}(?:no)?({re.escape(name)}\.[^=]*)")
+  overrides = {}  # flag name ('config.rl.group_size') -> its index in argv
+  for index, arg in enumerate(argv):
+    match = override.match(arg)
+    if match:
+      overrides[match.group(1)] = index
+  bad = {}
+  if overrides:
+    try:
+      config = load(config_spec(argv, default))
+    except Exception:  # pylint: disable=broad-except - ml_collections reports a bad file itself
+      config = None
+    for flag_name in overrides:
+      message = config is not None and unknown_field_error(config, flag_name.split(".", 1)[1])
+      if message:
+        bad[flag_name] = message
+  if bad:  # ml_collections must not see them; the stand-in flags below report them
+    sys_argv = [arg for index, arg in enumerate(argv)
+                if index not in {overrides[flag_name] for flag_name in bad}]
+  holder = config_flags.DEFINE_config_file(name, default, help_string, flag_values=flag_values,
+                                           sys_argv=sys_argv)
+  for flag_name, message in bad.items():
+    flag = flags.Flag(_UnknownFieldParser(message), flags.ArgumentSerializer(), flag_name, None,
+                      message, boolean=True)
+    flags.DEFINE_flag(flag, flag_values)
+  return holder
+
+
 def merge_dict_overrides(config: ml_collections.ConfigDict, config_flag,
                          argv: Sequence[str], default: str) -> dict[str, list[str]]:
   """Merges a command-line dict into the config file's dict, key by key.
@@ -75,12 +177,21 @@ def merge_dict_overrides(config: ml_collections.ConfigDict, config_flag,
   ml_collections replaces a dict field given on the command line (`--config.rl.overrides=
   "{'clip_ratio_high': 0.28}"`) whole, which silently dropped every key the file had set (the
   tiny config's KL settings, say). Here the given keys win and the file's other keys stay; each
-  kept key is logged. Returns {field: kept keys}."""
+  kept key is logged. A given key outside the field's schema (config_defaults.dict_field_schemas)
+  is an app.UsageError naming the closest valid key. Returns {field: kept keys}."""
   given = config_flags.get_override_values(config_flag)
   dict_fields = {path: value for path, value in given.items()
                  if isinstance(value, (dict, ml_collections.ConfigDict))}
   if not dict_fields:
     return {}
+  schemas = config_defaults.dict_field_schemas(config)
+  for path, value in dict_fields.items():
+    what, valid = schemas.get(path, (None, None))
+    for key in (value if valid is not None else ()):
+      if key not in valid:
+        raise app.UsageError(f"--config.{path}: no key {key!r}"
+                             f"{config_defaults.closest_name_hint(key, valid)}; its keys are "
+                             f"{what}, {', '.join(sorted(valid))}.")
   original = load(config_spec(argv, default))
   kept = {}
   for path, value in dict_fields.items():

@@ -23,7 +23,6 @@ from typing import Any
 import ml_collections
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from metaphorstar_jax import config_files, evaluate as evaluate_lib
 from metaphorstar_jax import export as export_lib
@@ -39,7 +38,7 @@ from metaphorstar_jax.training.state import (RunState, check_updates, checkpoint
                                              restore_into)
 
 DEFAULT_CONFIG = config_files.path(config_files.DEFAULT)  # shipped with the package
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.")
+_CONFIG = config_files.define_config_flag("config", DEFAULT_CONFIG, "Training config file.")
 
 
 def train(config: ml_collections.ConfigDict) -> dict:

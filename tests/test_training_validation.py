@@ -45,6 +45,9 @@ BAD_VALUES = [
     ("eval.temperature", -0.5, r"eval\.temperature=-0\.5"),
     ("log.every", 0, r"log\.every=0"),
     ("checkpoint.step", -2, r"checkpoint\.step=-2"),
+    ("train.gen_prompts_per_step", 0, r"train\.gen_prompts_per_step=0.*unset"),
+    ("stages.1.group_size", 0, r"stages\[1\]\.group_size=0.*unset"),
+    ("stages.1.prompts_per_step", -1, r"stages\[1\]\.prompts_per_step=-1"),
     ("debug.signal_at_step", -1, r"debug\.signal_at_step=-1"),
     ("plan.images_per_prompt", 0, r"plan\.images_per_prompt=0"),
 ]

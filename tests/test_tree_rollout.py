@@ -84,7 +84,7 @@ def test_a_group_size_that_disagrees_with_the_tree_is_an_error():
   config.rl.group_size = 6
   with pytest.raises(ValueError, match="num_roots"):
     objective_lib.build_objective(config)
-  config.rl.group_size = -1
+  config.rl.group_size = None
   assert objective_lib.build_objective(config).group_size == 4
 
 
@@ -178,7 +178,7 @@ def test_a_tree_stage_trains_only_on_each_branchs_continuation(tmp_path, monkeyp
   config.log.plot = config.log.tensorboard = False
   config.checkpoint.every = 0
   config.stages[1].steps = 1
-  config.rl.group_size = -1
+  config.rl.group_size = None
   config.rl.tree_rollout = dict(num_roots=1, branches=2, entropy_top_k=4, min_token_chars=1)
   drawn, masks = [], []
   tree_rows, grpo_grads = rollout.tree_rows, step_lib.TrainSteps.grpo_grads

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 import dataclasses
+import difflib
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -138,8 +139,11 @@ def make_options(options_class: type, task_name: str, overrides: Mapping[str, An
   valid = {field.name for field in dataclasses.fields(options_class)}
   unknown = sorted(set(overrides) - valid)
   if unknown:
+    close = difflib.get_close_matches(unknown[0], sorted(valid), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(
-      f"Unknown option(s) {unknown} for task {task_name!r}; valid options are {sorted(valid)}."
+      f"Unknown option(s) {unknown}{hint} for task {task_name!r}; valid options are "
+      f"{sorted(valid)}."
     )
   return options_class(**overrides)
 

@@ -91,7 +91,7 @@ def frozen_patterns(config) -> tuple[str, ...]:
 def stage_optimizer(config, stage, params):
   optim = ml_collections.ConfigDict(config.optim.to_dict())
   optim.learning_rate = stage.learning_rate
-  optim.warmup_steps = stage.get("warmup_steps", 0)
+  optim.warmup_steps = stage.warmup_steps
   optim.total_steps = stage.steps
   optim.frozen = frozen_patterns(config)
   return optimizer.make_optimizer(optim, params)

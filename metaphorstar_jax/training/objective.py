@@ -7,7 +7,7 @@ import dataclasses
 
 import ml_collections
 
-from metaphorstar_jax import rl
+from metaphorstar_jax import config_defaults, rl
 
 
 @dataclasses.dataclass
@@ -25,17 +25,25 @@ class Objective:
 
 
 def build_objective(config) -> Objective:
+  """The recipe of `config.rl` (a run config, or one stage's view of it from stage_config): the
+  preset's loss and rollout with rl.overrides applied; unset sampling fields take the preset's."""
   recipe = rl.preset(config.rl.preset)
   loss = recipe.loss.replace(**dict(config.rl.overrides))
-  pick = lambda value, default: default if value is None or value < 0 else value
+  pick = lambda value, preset: preset if value is None else value
   group_size = int(pick(config.rl.group_size, recipe.rollout.n))
   tree = None
-  if config.rl.get("tree_rollout"):
+  if config.rl.tree_rollout:
+    tree_fields = [f.name for f in dataclasses.fields(rl.TreeRollout)]
+    for key in config.rl.tree_rollout:
+      if key not in tree_fields:
+        raise ValueError(f"rl.tree_rollout has no field {key!r}"
+                         f"{config_defaults.closest_name_hint(key, tree_fields)}; its fields are "
+                         f"{', '.join(tree_fields)}.")
     tree = rl.TreeRollout(**dict(config.rl.tree_rollout))
-    if config.rl.group_size not in (None, -1) and group_size != tree.group_size:
+    if config.rl.group_size is not None and group_size != tree.group_size:
       raise ValueError(f"tree_rollout makes groups of num_roots·(1 + branches) = "
                        f"{tree.group_size} rollouts, but group_size is {group_size}; make them "
-                       "agree (or leave group_size at -1).")
+                       "agree (or leave group_size unset).")
     group_size = tree.group_size
   return Objective(
       loss=loss, rollout=recipe.rollout, group_size=group_size, tree=tree,
@@ -46,21 +54,22 @@ def build_objective(config) -> Objective:
 
 
 def stage_config(config, stage) -> ml_collections.ConfigDict:
-  """The run config as `stage` sees it: its rl_preset, rl_overrides, group_size, tree_rollout,
-  prompts_per_step and gen_prompts_per_step replace the run-wide values."""
+  """The run config as `stage` sees it: the stage's fields that are set (config_defaults
+  .STAGE_FIELDS: rl_preset, rl_overrides, group_size, tree_rollout, prompts_per_step,
+  gen_prompts_per_step) replace the run-wide values. Locked, like the run config."""
   staged = ml_collections.ConfigDict(config.to_dict())
-  if "rl_preset" in stage:
+  if stage.rl_preset is not None:
     staged.rl.preset = stage.rl_preset
-  if "rl_overrides" in stage:
-    staged.rl.overrides = {**dict(config.rl.overrides), **dict(stage.rl_overrides)}
-  if "group_size" in stage:
+  staged.rl.overrides = {**dict(config.rl.overrides), **dict(stage.rl_overrides)}
+  if stage.group_size is not None:
     staged.rl.group_size = stage.group_size
-  if "tree_rollout" in stage:
-    staged.rl.tree_rollout = dict(stage.tree_rollout or {})
-  if "prompts_per_step" in stage:
+  if stage.tree_rollout:
+    staged.rl.tree_rollout = dict(stage.tree_rollout)
+  if stage.prompts_per_step is not None:
     staged.train.prompts_per_step = stage.prompts_per_step
-  if "gen_prompts_per_step" in stage:
+  if stage.gen_prompts_per_step is not None:
     staged.train.gen_prompts_per_step = stage.gen_prompts_per_step
+  staged.lock()
   return staged
 
 
@@ -68,9 +77,11 @@ def draw_size(staged, stage, objective: Objective) -> int:
   """Prompts per generation batch: DAPO's gen_prompts_per_step for a dynamic-sampling GRPO
   stage (verl `data.gen_batch_size`), else prompts_per_step."""
   train_cfg = staged.train
-  size = train_cfg.get("gen_prompts_per_step", 0) or train_cfg.prompts_per_step
   if stage.kind != "grpo":
     return train_cfg.prompts_per_step
+  size = train_cfg.prompts_per_step
+  if train_cfg.gen_prompts_per_step is not None:
+    size = train_cfg.gen_prompts_per_step
   if size != train_cfg.prompts_per_step and not objective.loss.filter_groups:
     raise ValueError(f"Stage {stage.name} sets gen_prompts_per_step={size} but "
                      f"prompts_per_step={train_cfg.prompts_per_step}; a separate generation "

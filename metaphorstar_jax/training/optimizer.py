@@ -51,7 +51,7 @@ def make_optimizer(cfg, params=None) -> optax.GradientTransformation:
   chain.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay))
   tx = optax.chain(*chain)
-  frozen = tuple(cfg.get("frozen", ()) or ())
+  frozen = tuple(cfg.frozen)
   if frozen:
     if params is None:
       raise ValueError("make_optimizer needs the parameters to freeze parts of them.")

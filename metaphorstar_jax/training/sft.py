@@ -32,7 +32,7 @@ def load_sft_records(task, path: str, scratch_dir: str, seed: int) -> list:
 def reads_records(stage) -> bool:
   """Whether an sft stage learns its records' own targets (`sft_data`) rather than warm-start
   targets built from config.warmup."""
-  return stage.kind == "sft" and bool(stage.get("sft_data"))
+  return stage.kind == "sft" and bool(stage.sft_data)
 
 
 def warmup_targets(records, config, rng: random.Random,

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from absl import logging
 
+from metaphorstar_jax import config_defaults
 from metaphorstar_jax.training.objective import build_objective, draw_size, stage_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 STAGE_KINDS = ("sft", "grpo")
-PRESET = -1  # the value of a field that means "the RL preset's own"
 
 # (field, smallest allowed value): counts a run cannot do without.
 AT_LEAST = (
     ("train.prompts_per_step", 1), ("train.ppo_epochs", 1), ("train.num_minibatches", 1),
-    ("train.grad_accum_steps", 1), ("train.logit_chunk", 0), ("train.gen_prompts_per_step", 0),
+    ("train.grad_accum_steps", 1), ("train.logit_chunk", 0),
     ("rl.max_new_tokens", 1), ("rl.top_k", 0),
     ("data.max_prompt_tokens", 1), ("data.num_workers", 0),
     ("eval.every", 0), ("eval.batch_size", 1), ("eval.num_samples", 1),
@@ -25,7 +25,7 @@ AT_LEAST = (
     ("plan.image_pixels", 0), ("plan.images_per_prompt", 1),
     ("debug.kill_after_checkpoint", 0), ("debug.signal_at_step", 0),
 )
-# (field, what it must be): the judge's bounds, present in configs that grade with a judge.
+# (field, what it must be): the judge's bounds.
 JUDGE_POSITIVE = ("judge.repeats", "judge.timeout_s", "judge.deadline_s", "judge.max_reply_bytes")
 
 
@@ -48,30 +48,35 @@ def check_numbers(config) -> None:
   for field in ("model.dtype", "model.param_dtype"):
     if _get(config, field) not in DTYPES:
       _fail(field, _get(config, field), f"use one of {', '.join(DTYPES)}")
-  group = config.rl.group_size
-  if group != PRESET and group < 1:
-    _fail("rl.group_size", group, f"use a group of at least one rollout (two or more for a "
-          f"baseline), or {PRESET} for the RL preset's rollout.n")
-  for field in ("rl.temperature", "eval.temperature"):
+  # Unset (None) takes the preset's value or another field's (config_defaults.base_config).
+  for field, low, fallback in (("rl.group_size", 1, "the RL preset's rollout.n"),
+                               ("train.gen_prompts_per_step", 1, "train.prompts_per_step")):
     value = _get(config, field)
-    if value != PRESET and value < 0:
-      _fail(field, value, f"use a temperature ≥ 0, or {PRESET} for the RL preset's")
-  for field in ("rl.top_p", "eval.top_p"):
-    value = _get(config, field)
-    if value != PRESET and not 0 < value <= 1:
-      _fail(field, value, f"use a top-p in (0, 1], or {PRESET} for the RL preset's")
-  if config.eval.max_new_tokens != PRESET and config.eval.max_new_tokens < 1:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value < low):
+      _fail(field, value, f"use an integer ≥ {low}, or leave it unset (None) for {fallback}")
+  if config.rl.temperature is not None and config.rl.temperature < 0:
+    _fail("rl.temperature", config.rl.temperature,
+          "use a temperature ≥ 0, or leave it unset (None) for the RL preset's")
+  if config.rl.top_p is not None and not 0 < config.rl.top_p <= 1:
+    _fail("rl.top_p", config.rl.top_p,
+          "use a top-p in (0, 1], or leave it unset (None) for the RL preset's")
+  if config.eval.temperature != -1 and config.eval.temperature < 0:
+    _fail("eval.temperature", config.eval.temperature,
+          "use a temperature ≥ 0, or -1 for the RL preset's")
+  if config.eval.top_p != -1 and not 0 < config.eval.top_p <= 1:
+    _fail("eval.top_p", config.eval.top_p, "use a top-p in (0, 1], or -1 for the RL preset's")
+  if config.eval.max_new_tokens != -1 and config.eval.max_new_tokens < 1:
     _fail("eval.max_new_tokens", config.eval.max_new_tokens,
-          f"use at least 1, or {PRESET} for rl.max_new_tokens")
-  if "judge" in config:
-    for field in JUDGE_POSITIVE:
-      value = _get(config, field)
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        _fail(field, value, "must be a number > 0")
-    if config.judge.deadline_s < config.judge.timeout_s:
-      _fail("judge.deadline_s", config.judge.deadline_s,
-            f"bounds a whole request, so it must be ≥ judge.timeout_s={config.judge.timeout_s} "
-            "(one socket read)")
+          "use at least 1, or -1 for rl.max_new_tokens")
+  for field in JUDGE_POSITIVE:
+    value = _get(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+      _fail(field, value, "must be a number > 0")
+  if config.judge.deadline_s < config.judge.timeout_s:
+    _fail("judge.deadline_s", config.judge.deadline_s,
+          f"bounds a whole request, so it must be ≥ judge.timeout_s={config.judge.timeout_s} "
+          "(one socket read)")
   if not config.stages:
     _fail("stages", list(config.stages), "a run needs at least one stage")
 
@@ -87,7 +92,12 @@ def check_stage(config, index: int) -> None:
           "skip it)")
   if not stage.learning_rate >= 0:
     _fail(f"{name}.learning_rate", stage.learning_rate, "must be ≥ 0")
-  if stage.kind == "sft" and "sft_data" in stage and stage.sft_data is None:
+  for field in ("group_size", "prompts_per_step", "gen_prompts_per_step"):
+    value = stage[field]
+    if value is not None and (not isinstance(value, int) or value < 1):
+      _fail(f"{name}.{field}", value, "use an integer ≥ 1, or leave it unset (None) for the "
+            "run-wide value")
+  if stage.kind == "sft" and stage.sft_data is None:
     _fail(f"{name}.sft_data", None, f"stage {stage.name!r} learns supervised trajectories and "
           f"has no data; pass --config.{name}.sft_data=/path/to/trajectories.jsonl")
   staged = stage_config(config, stage)
@@ -106,8 +116,25 @@ def check_stage(config, index: int) -> None:
                     "baselines.", stage.name, objective.group_size)
 
 
+def check_stage_fields(config) -> None:
+  """Every stage has exactly config_defaults.STAGE_FIELDS (a stage built without
+  config_defaults.stage, or a field added to one, is refused naming the closest field)."""
+  for index, stage in enumerate(config.stages):
+    for key in stage.keys():
+      if key not in config_defaults.STAGE_FIELDS:
+        _fail(f"stages[{index}].{key}", stage[key], "a stage has no such field"
+              f"{config_defaults.closest_name_hint(key, config_defaults.STAGE_FIELDS)}; its "
+              f"fields are {', '.join(config_defaults.STAGE_FIELDS)}")
+    missing = [key for key in config_defaults.STAGE_FIELDS if key not in stage]
+    if missing:
+      _fail(f"stages[{index}]", stage.to_dict(), f"lacks {', '.join(missing)}; build stages with "
+            "config_defaults.stage()")
+
+
 def check_config(config) -> None:
   """Every check above; raises ValueError naming the first bad field."""
+  check_stage_fields(config)
+  config_defaults.check_dict_keys(config)
   check_numbers(config)
   for index in range(len(config.stages)):
     check_stage(config, index)

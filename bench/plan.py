@@ -70,19 +70,19 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax
 
-  from metaphorstar_jax import plan as plan_lib
+  from metaphorstar_jax import planning
 
   results, start = [], time.perf_counter()
   for run in FLAGS.runs:
     size, _, topology = run.partition("@")
     if not topology:
       raise app.UsageError(f"--runs entries look like 7b@v5p-8, got {run!r}.")
-    plan_lib.use_cpu_devices(topology)
+    planning.use_cpu_devices(topology)
     config = run_config(size)
     config.plan.image_pixels = FLAGS.image_pixels
     logging.info("Planning %s on %s ...", size, topology)
-    plan = plan_lib.make_plan(config, plan_lib.resolve_target(topology), only=FLAGS.only)
-    logging.info("\n%s", plan_lib.markdown(plan))
+    plan = planning.make_plan(config, planning.resolve_target(topology), only=FLAGS.only)
+    logging.info("\n%s", planning.markdown(plan))
     results.append(headline(size, plan))
   line = dict(bench="plan", runs=results, wall_s=round(time.perf_counter() - start, 1),
               jax_version=jax.__version__, cpu_count=os.cpu_count(),

@@ -16,407 +16,27 @@ Completions are greedy, or sampled with the config's evaluation sampling (`--sam
 `--num_samples=K` draws K completions per record and reports the mean (and spread) of each metric
 over the K repeats. The task's metrics score them; open-ended tasks (OSQ) are graded 1-5 by an
 LLM judge (metaphorstar_jax/judge.py) configured by `config.judge` or METAPHORSTAR_JUDGE_*.
+This file is the command line; the evaluation is `training/evaluation.py`.
 
 Writes to --output_dir (default <run>/eval/<model>): results.json (metrics, their spread,
 per-repeat metrics, settings), results.md (the table printed at the end) and completions.jsonl
-(every completion with its scores). The trainer calls `run_evaluation` with its own sampler and
-records for periodic evaluation.
+(every completion with its scores). The trainer's periodic evaluation is the same code
+(`evaluation.evaluate_records`) with its own sampler and records.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import jax
-import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
-from absl import app, flags, logging
-from flax import nnx
+from absl import app, flags
 from ml_collections import config_flags
 
 from metaphorstar_jax import config_files
-from metaphorstar_jax import judge as judge_lib
-from metaphorstar_jax import redaction
-from metaphorstar_jax import rl
 from metaphorstar_jax import sharding as sharding_lib
-from metaphorstar_jax.models import qwen2_5_vl
-from metaphorstar_jax.sampling import Sampler, SamplingConfig
-from metaphorstar_jax.data.pipeline import Example, collate, screen_records
-from metaphorstar_jax.tasks import Record, Task
-from metaphorstar_jax.training import builders, checkpoints
-from metaphorstar_jax.training.checkpoints import checkpoint_location
+from metaphorstar_jax.training import evaluation
 
 DEFAULT_CONFIG = config_files.path(config_files.DEFAULT)  # shipped with the package
-SAMPLING_MODES = ("greedy", "validation")
-JUDGED_TASKS = ("tfq_osq",)  # tasks whose headline metric is an LLM judge's grade
-RESULTS_JSON, RESULTS_MD, COMPLETIONS = "results.json", "results.md", "completions.jsonl"
 
-
-# --- what to evaluate ---------------------------------------------------------------------------
-
-def restore_policy(config, checkpoint: str, mesh, step: int | None = None):
-  """(model, step): the architecture of `config.model`, with the params of a training checkpoint.
-
-  Only `arrays["params"]` is read (not the optimizer state or reference weights), straight into
-  the shardings the mesh rules give, so a 32B evaluation needs no memory for Adam's moments.
-  `checkpoint` may name one step's folder, which then picks the step when `step` is None.
-  """
-  manager_dir, _ = checkpoint_location(checkpoint)
-  if step is None and os.path.basename(os.path.abspath(checkpoint)).isdigit():
-    step = int(os.path.basename(os.path.abspath(checkpoint)))
-  step = checkpoints.resolve_step(manager_dir, step)
-  m = config.model
-  runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=False)
-  model_config = (qwen2_5_vl.from_json_file(m.hf_path, **runtime) if m.hf_path
-                  else qwen2_5_vl.preset(m.preset, **runtime))
-  graphdef, state = nnx.split(qwen2_5_vl.abstract_model(model_config))
-  shardings = nnx.to_pure_dict(sharding_lib.parameter_shardings(state, mesh))
-  target = {"params": jax.tree.map(
-      lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      nnx.to_pure_dict(state), shardings)}
-  manager = ocp.CheckpointManager(manager_dir, item_names=("arrays", "data", "meta"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)))
-  manager.close()
-  nnx.replace_by_pure_dict(state, restored["arrays"]["params"])
-  logging.info("Restored the params of step %d from %s.", step, manager_dir)
-  return nnx.merge(graphdef, state), step
-
-
-def sampling_config(config, mode: str | None = None) -> SamplingConfig:
-  """Evaluation sampling: "greedy", or "validation" (config.eval.temperature/top_p when set,
-  else the RL preset's validation values); None picks greedy iff config.eval.greedy."""
-  mode = mode or ("greedy" if config.eval.greedy else "validation")
-  if mode not in SAMPLING_MODES:
-    raise ValueError(f"Sampling mode {mode!r} is not one of {SAMPLING_MODES}.")
-  max_new_tokens = int(config.eval.max_new_tokens)
-  if max_new_tokens <= 0:
-    max_new_tokens = int(config.rl.max_new_tokens)
-  rollout = rl.preset(config.rl.preset).rollout
-  temperature = float(config.eval.temperature)
-  top_p = float(config.eval.top_p)
-  temperature = rollout.val_temperature if temperature < 0 else temperature
-  top_p = rollout.val_top_p if top_p < 0 else top_p
-  if mode == "greedy" or temperature == 0:
-    return SamplingConfig(max_new_tokens=max_new_tokens, greedy=True)
-  return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-
-
-# --- generating and scoring ---------------------------------------------------------------------
-
-def generate(examples: Sequence[Example], processor, sampler: Sampler, params=None, *,
-             batch_size: int, num_samples: int = 1, key=None,
-             progress: bool = False) -> list[list[str]]:
-  """texts[k][i]: the k-th of `num_samples` completions of examples[i] (screened records, see
-  data.pipeline.screen_records).
-
-  The K samples of a record come from one prefill whose cache they share (group_size=K).
-  """
-  key = jax.random.key(0) if key is None else key
-  stops = set(sampler.config.stop_token_ids)
-  texts: list[list[str]] = [[] for _ in range(num_samples)]
-  starts = range(0, len(examples), batch_size)
-  if progress:
-    from tqdm import tqdm
-    starts = tqdm(starts, desc="evaluate", dynamic_ncols=True)
-  for start in starts:
-    chunk = examples[start:start + batch_size]
-    rollouts = sampler(collate(chunk, sampler.pad_id), group_size=num_samples, key=jax.random.fold_in(key, start),
-                       state=params)
-    tokens_BN = sharding_lib.to_host(rollouts.tokens_BN)
-    lengths_B = sharding_lib.to_host(rollouts.lengths_B)
-    for row in range(len(chunk) * num_samples):
-      ids = [int(t) for t in tokens_BN[row, :lengths_B[row]] if int(t) not in stops]
-      texts[row % num_samples].append(processor.decode(ids, skip_special_tokens=True))
-  return texts
-
-
-def score_completions(task: Task, records: Sequence[Record], texts: Sequence[str],
-                      judge: judge_lib.Judge | None = None) -> tuple[dict[str, float], list[dict]]:
-  """(metrics, per-record details) of one completion per record.
-
-  Metrics: the task's own (`task.evaluate`), the mean of every reward component as
-  `score/<name>`, and, with a judge, `judge/*` (judge_lib.verdict_metrics).
-  """
-  metrics = {k: float(v) for k, v in task.evaluate(list(texts), list(records)).items()}
-  scores = [task.score(text, record) for text, record in zip(texts, records, strict=True)]
-  for name in sorted({k for s in scores for k in s}):
-    metrics[f"score/{name}"] = float(np.mean([s.get(name, 0.0) for s in scores]))
-  details = [{"id": r.id, "completion": t, "score": s}
-             for r, t, s in zip(records, texts, scores, strict=True)]
-  if judge is not None:
-    verdicts = judge.judge_many([
-        judge_lib.JudgeItem(question=r.prompt, reference=str(r.answer), answer=t, images=r.images)
-        for r, t in zip(records, texts, strict=True)])
-    metrics.update(judge_lib.verdict_metrics(verdicts))
-    for detail, verdict in zip(details, verdicts, strict=True):
-      detail["judge"] = {"score": verdict.score, "grades": list(verdict.grades),
-                         "replies": list(verdict.replies)}
-  return metrics, details
-
-
-def mean_over_repeats(repeats: Sequence[Mapping[str, float]]) -> tuple[dict, dict]:
-  """(mean, standard deviation) of each metric over repeats, in the first repeat's key order;
-  NaNs (e.g. a judge score with no grade) are left out of both."""
-  keys = list(dict.fromkeys(k for r in repeats for k in r))
-  means, stds = {}, {}
-  for k in keys:
-    values = [float(r[k]) for r in repeats if k in r and not math.isnan(float(r[k]))]
-    means[k] = float(np.mean(values)) if values else float("nan")
-    stds[k] = float(np.std(values)) if values else float("nan")
-  return means, stds
-
-
-def check_repeats(num_samples: int, sampling: SamplingConfig) -> None:
-  if num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-  if num_samples > 1 and sampling.greedy:
-    raise ValueError(
-        f"num_samples={num_samples} with greedy decoding gives {num_samples} identical runs. "
-        "Decoding is greedy with --sampling=greedy, with config.eval.greedy=True and no "
-        "--sampling, and also with --sampling=validation when config.eval.temperature resolves "
-        "to 0 (at -1 it takes the RL preset's validation temperature, 0 for grpo and dapo): "
-        "sample with --sampling=validation and --config.eval.temperature=T > 0.")
-
-
-def evaluate_records(task: Task, records: Sequence[Record], processor, sampler: Sampler,
-                     params=None, *, batch_size: int, max_prompt_tokens: int,
-                     num_samples: int = 1, seed: int = 0, judge: judge_lib.Judge | None = None,
-                     progress: bool = False) -> dict:
-  """Generates `num_samples` completions per record and scores each repeat. Records training
-  would skip (bad images, missing fields, prompts over `max_prompt_tokens`) are skipped and
-  counted here too.
-
-  Returns:
-    {"metrics": mean over repeats, "metrics_std": their spread, "repeats": per-repeat metrics,
-     "completions": one dict per (repeat, record), "num_scored", "skipped": {kind: count}}.
-  """
-  check_repeats(num_samples, sampler.config)
-  examples, skipped = screen_records(records, processor, task.build_conversation,
-                                     max_prompt_tokens)
-  if not examples:
-    raise ValueError(f"All {len(records)} evaluation records were skipped ({dict(skipped)}); "
-                     "see the warnings above for each record's reason.")
-  if skipped:
-    logging.warning("Evaluation skipped %d of %d records (%s); its metrics cover the other %d.",
-                    sum(skipped.values()), len(records), dict(skipped), len(examples))
-  records = [e.record for e in examples]
-  texts = generate(examples, processor, sampler, params, batch_size=batch_size,
-                   num_samples=num_samples, key=jax.random.key(seed), progress=progress)
-  repeats, completions = [], []
-  for k, repeat_texts in enumerate(texts):
-    metrics, details = score_completions(task, records, repeat_texts, judge)
-    repeats.append(metrics)
-    completions += [{"repeat": k, **d} for d in details]
-  means, stds = mean_over_repeats(repeats)
-  return {"metrics": means, "metrics_std": stds, "repeats": repeats, "completions": completions,
-          "num_scored": len(records), "skipped": dict(skipped)}
-
-
-def make_judge(config, task: Task, output_dir: str | None) -> tuple[judge_lib.Judge | None, str]:
-  """(judge or None, why): a judge for judged tasks when one is configured."""
-  if task.name not in JUDGED_TASKS:
-    return None, "not needed"
-  if jax.process_index() != 0:
-    return None, "asked by process 0 only"
-  values = dict(config.judge.to_dict()) if "judge" in config else {}
-  if not values.get("cache_path") and output_dir:
-    values["cache_path"] = os.path.join(output_dir, "judge_cache.jsonl")
-  judge_config = judge_lib.JudgeConfig.resolve(values)
-  if not judge_config.configured:
-    logging.warning("Task %s is graded by an LLM judge, but none is configured (config.judge or "
-                    "%s/%s); reporting only the rule-based metrics.", task.name,
-                    judge_lib.ENV_URL, judge_lib.ENV_MODEL)
-    return None, "not configured"
-  return judge_lib.Judge(judge_config), f"{judge_config.model} at {judge_config.base_url}"
-
-
-# --- the entry point ----------------------------------------------------------------------------
-
-def run_evaluation(config: ml_collections.ConfigDict, params=None, *,
-                   sampler: Sampler | None = None, processor=None, task: Task | None = None,
-                   records: Sequence[Record] | None = None, mesh=None,
-                   checkpoint: str | None = None, step: int | None = None,
-                   hf_path: str | None = None, output_dir: str | None = None,
-                   num_samples: int | None = None, sampling: str | None = None,
-                   judge: judge_lib.Judge | None = None, tag: str = "",
-                   write: bool = True, progress: bool | None = None) -> dict:
-  """Evaluates a policy on the config's evaluation records; returns (and writes) the results.
-
-  Whatever is not passed is built from `config`: pass `sampler`, `processor`, `task`, `records`
-  and `params` (an nnx.State for the sampler's graph) from a training loop, so that periodic
-  evaluation compiles nothing new; from the command line only `config` and where the weights
-  are (`checkpoint` + `step`, or `hf_path`; neither: a random `model.preset`).
-
-  Args:
-    num_samples: completions per record (default config.eval.num_samples, else 1).
-    sampling: "greedy" or "validation" when the sampler is built here (see `sampling_config`).
-    judge: the OSQ judge; None builds one from config.judge / the environment when the task
-      needs it.
-    tag: a label stored with the results (e.g. "step 50").
-    write: write results.json, results.md and completions.jsonl to `output_dir`.
-
-  Returns:
-    {"metrics": {name: mean over repeats}, "metrics_std", "repeats", "task", "num_records",
-     "data", "model", "step", "sampling", "judge", "seconds", "tag", "markdown", "paths"
-     (when written), "completions" (one dict per repeat and record)}.
-  """
-  start = time.perf_counter()
-  config = ml_collections.ConfigDict(config.to_dict())  # never mutate the caller's config
-  if hf_path:
-    config.model.hf_path = hf_path
-  if num_samples is None:
-    num_samples = int(config.eval.num_samples)
-  progress = config.log.progress_bar if progress is None else progress
-
-  model_label = ("given params" if sampler is not None else
-                 f"checkpoint {checkpoint}" if checkpoint else
-                 f"hf {config.model.hf_path}" if config.model.hf_path else
-                 f"random preset {config.model.preset}")
-  run_dir = checkpoint_location(checkpoint)[1] if checkpoint else config.workdir
-  task = task or builders.eval_task(config)
-
-  if sampler is None:
-    sampling_used = sampling_config(config, sampling)
-    check_repeats(num_samples, sampling_used)  # before minutes of model loading, not after
-    mesh = mesh or sharding_lib.make_mesh(**config.mesh.to_dict())
-    processor = processor or builders.build_processor(config)
-    if checkpoint:
-      model, step = restore_policy(config, checkpoint, mesh, step)
-    else:
-      model = builders.build_model(config, mesh)
-    builders.check_vocabulary(model, processor)
-    sampler = Sampler(model, sampling_used, mesh=mesh)
-    params = None
-  elif processor is None:
-    raise ValueError("run_evaluation got a sampler but no processor; pass the one the sampler's "
-                     "prompts were built with.")
-
-  if output_dir is None:
-    label = (f"step_{step}" if checkpoint else
-             "hf_" + os.path.basename(os.path.normpath(config.model.hf_path))
-             if config.model.hf_path else f"random_{config.model.preset}")
-    output_dir = os.path.join(run_dir, "eval", label)
-  if write:
-    os.makedirs(output_dir, exist_ok=True)
-  if records is None:
-    records, data_source = builders.eval_records(config, task, output_dir)
-  else:
-    data_source = "given"
-  if not records:
-    raise ValueError(f"No evaluation records for task {task.name!r} (data.eval="
-                     f"{config.data.eval!r}); check the path or eval.num_examples.")
-  judge_reason = "given"
-  if judge is None:
-    judge, judge_reason = make_judge(config, task, output_dir if write else None)
-  judge_before = dict(judge.stats) if judge is not None else {}
-
-  logging.info("Evaluating %s on %d %s records (%s), %d sample(s) each.", model_label,
-               len(records), task.name, data_source, num_samples)
-  found = evaluate_records(task, records, processor, sampler, params,
-                           batch_size=int(config.eval.batch_size),
-                           max_prompt_tokens=int(config.data.max_prompt_tokens),
-                           num_samples=num_samples, seed=int(config.seed), judge=judge,
-                           progress=progress)
-  sampling_used = sampler.config
-  result = {
-      "tag": tag,
-      "task": task.name,
-      "num_records": len(records),
-      "num_scored": found["num_scored"],
-      "skipped": found["skipped"],
-      "data": data_source,
-      "model": model_label,
-      "step": step,
-      "sampling": {"greedy": sampling_used.greedy,
-                   **({} if sampling_used.greedy else {"temperature": sampling_used.temperature,
-                                                       "top_p": sampling_used.top_p,
-                                                       "top_k": sampling_used.top_k}),
-                   "max_new_tokens": sampling_used.max_new_tokens, "num_samples": num_samples},
-      "judge": {"used": judge is not None, "detail": judge_reason,
-                **({k: v - judge_before.get(k, 0) for k, v in judge.stats.items()}
-                   if judge is not None else {})},
-      "metrics": found["metrics"],
-      "metrics_std": found["metrics_std"],
-      "repeats": found["repeats"],
-      "seconds": round(time.perf_counter() - start, 2),
-  }
-  # Results are shared; the judge's key (from the config or the environment) stays out of them.
-  secrets = redaction.secret_values(config) + ([judge.config.api_key] if judge else [])
-  result = redaction.redact(result, secrets)
-  completions = redaction.redact(found["completions"], secrets)
-  result["markdown"] = markdown_report(result)
-  if write:
-    result["paths"] = write_results(result, completions, output_dir)
-  logging.info("Evaluation of %s on %s: %s", model_label, task.name,
-               json.dumps({k: round(v, 4) for k, v in result["metrics"].items()}))
-  result["completions"] = completions
-  return result
-
-
-def _finite(value: Any) -> Any:
-  """JSON has no NaN: NaN and infinities become null, recursively."""
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, dict):
-    return {k: _finite(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_finite(v) for v in value]
-  return value
-
-
-def markdown_report(result: Mapping[str, Any]) -> str:
-  """A heading line and a | metric | value | table (mean ± std over repeats when K > 1)."""
-  sampling = result["sampling"]
-  how = ("greedy" if sampling["greedy"] else
-         f"temperature {sampling['temperature']}, top_p {sampling['top_p']}")
-  repeats = sampling["num_samples"]
-  lines = [f"## {result['task']}: {result['model']}" + (f" ({result['tag']})" if result['tag']
-                                                          else ""),
-           "",
-           f"{result['num_records']} records from {result['data']}; {how}, "
-           f"{sampling['max_new_tokens']} new tokens at most"
-           + (f"; mean ± std over {repeats} samples per record" if repeats > 1 else "") + ".",
-           ""]
-  lines += ["| metric | value |", "|---|---|"]
-  for name, value in result["metrics"].items():
-    shown = "n/a" if math.isnan(value) else f"{value:.4f}"
-    if repeats > 1 and not math.isnan(value):
-      shown += f" ± {result['metrics_std'][name]:.4f}"
-    lines.append(f"| {name} | {shown} |")
-  return "\n".join(lines) + "\n"
-
-
-def write_results(result: Mapping[str, Any], completions: Sequence[Mapping[str, Any]],
-                  output_dir: str) -> dict[str, str]:
-  """Writes results.json, results.md and completions.jsonl; returns their paths."""
-  if jax.process_index() != 0:
-    return {}
-  os.makedirs(output_dir, exist_ok=True)
-  paths = {"json": os.path.join(output_dir, RESULTS_JSON),
-           "markdown": os.path.join(output_dir, RESULTS_MD),
-           "completions": os.path.join(output_dir, COMPLETIONS)}
-  summary = {k: v for k, v in result.items() if k not in ("markdown", "completions", "paths")}
-  with open(paths["json"], "w", encoding="utf-8") as handle:
-    json.dump(_finite(summary), handle, indent=2, ensure_ascii=False, default=str)
-    handle.write("\n")
-  with open(paths["markdown"], "w", encoding="utf-8") as handle:
-    handle.write(result["markdown"])
-  with open(paths["completions"], "w", encoding="utf-8") as handle:
-    for row in completions:
-      handle.write(json.dumps(_finite(dict(row)), ensure_ascii=False, default=str) + "\n")
-  return paths
-
-
-# --- command line -------------------------------------------------------------------------------
 
 def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   """Our flags in a FlagValues of their own: the trainer's module defines --config on the global
@@ -434,8 +54,8 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_integer("num_samples", None, "Completions per record, metrics averaged; default "
                        "config.eval.num_samples or 1.", flag_values=fv)
-  flags.DEFINE_enum("sampling", None, list(SAMPLING_MODES), "greedy, or validation (the config's "
-                    "evaluation temperature/top_p); default by config.eval.greedy.",
+  flags.DEFINE_enum("sampling", None, list(evaluation.SAMPLING_MODES), "greedy, or validation "
+                    "(the config's evaluation temperature/top_p); default by config.eval.greedy.",
                     flag_values=fv)
   return fv
 
@@ -449,9 +69,9 @@ def cli(argv: Sequence[str]) -> dict:
                          "holds the weights (its architecture comes from config.model).")
   if "distributed" in fv.config:
     sharding_lib.initialize_distributed(**fv.config.distributed.to_dict())
-  return run_evaluation(fv.config, checkpoint=fv.checkpoint, step=fv.step, hf_path=fv.hf_path,
-                        output_dir=fv.output_dir, num_samples=fv.num_samples,
-                        sampling=fv.sampling)
+  return evaluation.run_evaluation(fv.config, checkpoint=fv.checkpoint, step=fv.step,
+                                   hf_path=fv.hf_path, output_dir=fv.output_dir,
+                                   num_samples=fv.num_samples, sampling=fv.sampling)
 
 
 def main(argv):

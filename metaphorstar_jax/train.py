@@ -24,12 +24,12 @@ import ml_collections
 from absl import app, flags, logging
 from flax import nnx
 
-from metaphorstar_jax import config_files, evaluate as evaluate_lib
-from metaphorstar_jax import export as export_lib
+from metaphorstar_jax import config_files, planning
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.pipeline import PromptStream
 from metaphorstar_jax.sampling import Sampler
-from metaphorstar_jax.training import builders, checkpoints, grpo, learner as learner_lib
+from metaphorstar_jax.training import builders, checkpoints, evaluation, grpo, hf_export
+from metaphorstar_jax.training import learner as learner_lib
 from metaphorstar_jax.training import metrics as metrics_lib, preemption, sft, terminal
 from metaphorstar_jax.training import validation
 from metaphorstar_jax.training import workdir as workdir_lib
@@ -62,8 +62,7 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
   workdir_lib.prepare_fresh_workdir(config)
   mesh = sharding_lib.make_mesh(**config.mesh.to_dict())
   if config.plan.check_fit:  # compile every program before any weight is read; refuse a misfit
-    from metaphorstar_jax import plan  # here, not at the top: plan builds on this module's pieces
-    plan.check_fit(config, mesh)
+    planning.check_fit(config, mesh)
 
   # --- data, checkpoints and the step to resume: a changed config is refused before the model --
   processor = builders.build_processor(config)
@@ -86,9 +85,9 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
   builders.check_vocabulary(model, processor)
   graphdef, params = nnx.split(model)
   # Periodic evaluation is the evaluation CLI's: its sampling settings, repeats and scoring.
-  eval_sampler = Sampler(model, evaluate_lib.sampling_config(config), mesh=mesh)
-  evaluate_lib.check_repeats(config.eval.num_samples, eval_sampler.config)
-  eval_judge, _ = evaluate_lib.make_judge(config, task, os.path.join(workdir, "eval"))
+  eval_sampler = Sampler(model, evaluation.sampling_config(config), mesh=mesh)
+  evaluation.check_repeats(config.eval.num_samples, eval_sampler.config)
+  eval_judge, _ = evaluation.make_judge(config, task, os.path.join(workdir, "eval"))
   # The history keeps the rows up to the restored step (none when nothing is restored).
   writer = metrics_lib.MetricsWriter(workdir, total_steps=sum(s.steps for s in config.stages),
                                      use_tensorboard=config.log.tensorboard,
@@ -101,7 +100,7 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
   results: dict[str, Any] = {"evaluations": [], "exports": []}
 
   def run_eval(tag: str) -> dict:
-    found = evaluate_lib.evaluate_records(
+    found = evaluation.evaluate_records(
         task, eval_records, processor, eval_sampler, run.params,
         batch_size=config.eval.batch_size, max_prompt_tokens=config.data.max_prompt_tokens,
         num_samples=config.eval.num_samples, seed=config.seed, judge=eval_judge)["metrics"]
@@ -112,10 +111,10 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
     return found
 
   def export_now() -> None:  # config.export: an HF checkpoint at workdir/hf/step_N
-    out = export_lib.step_dir(workdir, run.global_step)
+    out = hf_export.step_dir(workdir, run.global_step)
     if out not in results["exports"]:  # at_end right after `every` wrote this step
-      export_lib.export_params(run.params, model.config, out, config, processor,
-                               dtype=config.export.dtype or None, replace=True)
+      hf_export.export_params(run.params, model.config, out, config, processor,
+                              dtype=config.export.dtype or None, replace=True)
       results["exports"].append(out)
 
   def save(stream: PromptStream) -> None:

@@ -1,5 +1,6 @@
-"""metaphorstar_jax.evaluate on the tiny random model: the command line, miniatures of the real
-data layouts, training checkpoints, repeats, and OSQ graded by a local judge server."""
+"""training/evaluation.py and its command line (metaphorstar_jax.evaluate) on the tiny random
+model: the command line, miniatures of the real data layouts, training checkpoints, repeats, and
+OSQ graded by a local judge server."""
 
 import json
 import os
@@ -12,10 +13,10 @@ from flax import nnx
 from helpers import JudgeServer
 
 from metaphorstar_jax import evaluate, judge as judge_lib, sharding as sharding_lib
-from metaphorstar_jax.training import builders
 from metaphorstar_jax.models import qwen2_5_vl
+from metaphorstar_jax.sampling import Sampler
 from metaphorstar_jax.tasks import get_task, load_records, write_miniature
-from metaphorstar_jax.training import checkpoints
+from metaphorstar_jax.training import builders, checkpoints, evaluation
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -25,11 +26,11 @@ def config_arg(name):
 
 
 def read_outputs(folder):
-  with open(os.path.join(folder, evaluate.RESULTS_JSON)) as handle:
+  with open(os.path.join(folder, evaluation.RESULTS_JSON)) as handle:
     results = json.load(handle)
-  with open(os.path.join(folder, evaluate.RESULTS_MD)) as handle:
+  with open(os.path.join(folder, evaluation.RESULTS_MD)) as handle:
     table = handle.read()
-  with open(os.path.join(folder, evaluate.COMPLETIONS)) as handle:
+  with open(os.path.join(folder, evaluation.COMPLETIONS)) as handle:
     completions = [json.loads(line) for line in handle]
   return results, table, completions
 
@@ -108,7 +109,7 @@ def test_checkpoint_params_are_restored_and_evaluated(tmp_path):
 
   for path, step, expected in ((run_dir, None, 3), (run_dir / "checkpoints", 2, 2),
                                (run_dir / "checkpoints" / "2", None, 2)):
-    model, restored_step = evaluate.restore_policy(config, str(path), mesh, step)
+    model, restored_step = evaluation.restore_policy(config, str(path), mesh, step)
     assert restored_step == expected
   got = jax.tree.leaves(nnx.state(model))
   want = jax.tree.leaves(params)
@@ -116,11 +117,11 @@ def test_checkpoint_params_are_restored_and_evaluated(tmp_path):
 
   result = evaluate.cli(["evaluate", config_arg("tfq_grpo_tiny.py"), f"--checkpoint={run_dir}"])
   assert result["step"] == 3 and result["model"] == f"checkpoint {run_dir}"
-  assert result["paths"]["json"] == str(run_dir / "eval" / "step_3" / evaluate.RESULTS_JSON)
+  assert result["paths"]["json"] == str(run_dir / "eval" / "step_3" / evaluation.RESULTS_JSON)
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    evaluate.checkpoint_location(str(tmp_path / "missing"))
+    checkpoints.checkpoint_location(str(tmp_path / "missing"))
   with pytest.raises(ValueError, match="saved steps"):
-    evaluate.restore_policy(config, str(run_dir), mesh, step=5)
+    evaluation.restore_policy(config, str(run_dir), mesh, step=5)
 
 
 def test_trainer_call_with_repeats_averages_the_metrics():
@@ -131,18 +132,18 @@ def test_trainer_call_with_repeats_averages_the_metrics():
   model = builders.build_model(config, mesh)
   task, _, records = builders.load_data(config)
   _, params = nnx.split(model)
-  greedy = evaluate.Sampler(model, evaluate.sampling_config(config, "greedy"), mesh=mesh)
+  greedy = Sampler(model, evaluation.sampling_config(config, "greedy"), mesh=mesh)
   with pytest.raises(ValueError, match="identical runs"):
-    evaluate.run_evaluation(config, params, sampler=greedy, processor=processor, task=task,
-                            records=records, num_samples=2, write=False)
+    evaluation.run_evaluation(config, params, sampler=greedy, processor=processor, task=task,
+                              records=records, num_samples=2, write=False)
 
   config.eval.temperature, config.eval.top_p = 1.0, 1.0
-  sampled = evaluate.sampling_config(config, "validation")
+  sampled = evaluation.sampling_config(config, "validation")
   assert (sampled.greedy, sampled.temperature) == (False, 1.0)
-  sampler = evaluate.Sampler(model, sampled, mesh=mesh)
-  result = evaluate.run_evaluation(config, params, sampler=sampler, processor=processor,
-                                   task=task, records=records, num_samples=3, write=False,
-                                   tag="step 5")
+  sampler = Sampler(model, sampled, mesh=mesh)
+  result = evaluation.run_evaluation(config, params, sampler=sampler, processor=processor,
+                                     task=task, records=records, num_samples=3, write=False,
+                                     tag="step 5")
   assert len(result["repeats"]) == 3 and len(result["completions"]) == 3 * len(records)
   for name, mean in result["metrics"].items():
     values = [r[name] for r in result["repeats"]]
@@ -177,8 +178,8 @@ def test_osq_is_graded_by_the_judge_and_resumes_from_its_cache(tmp_path, monkeyp
                                                   cache_path=cache))
     task = get_task("tfq_osq")
     records, _ = load_records(task, result["data"].split(":", 1)[1], limit=n)
-    again, _ = evaluate.score_completions(task, records, [c["completion"] for c in completions],
-                                          judge)
+    again, _ = evaluation.score_completions(task, records,
+                                            [c["completion"] for c in completions], judge)
     assert len(server.requests) == 3 * n and judge.stats["cache_hits"] == 3 * n
     assert again["judge/score"] == metrics["judge/score"]
 
@@ -187,18 +188,18 @@ def test_osq_is_graded_by_the_judge_and_resumes_from_its_cache(tmp_path, monkeyp
                                   "cinema_7b.py", "tfq_grpo_7b.py"])
 def test_validation_sampling_samples_and_its_settings_are_overridable(name):
   config = train_config(name, smoke=False)
-  sampling = evaluate.sampling_config(config, "validation")
+  sampling = evaluation.sampling_config(config, "validation")
   assert not sampling.greedy and sampling.temperature > 0
   config.eval.temperature = 0.7  # a declared field: the command-line override works
-  assert evaluate.sampling_config(config, "validation").temperature == 0.7
+  assert evaluation.sampling_config(config, "validation").temperature == 0.7
 
 
 def test_repeats_of_greedy_decoding_are_refused_naming_the_cause():
   config = train_config("rewardmap_7b.py", smoke=False)
   config.eval.temperature = 0.0
-  sampling = evaluate.sampling_config(config, "validation")
+  sampling = evaluation.sampling_config(config, "validation")
   with pytest.raises(ValueError, match="eval.temperature resolves to 0"):
-    evaluate.check_repeats(3, sampling)
+    evaluation.check_repeats(3, sampling)
 
 
 def test_evaluation_skips_and_counts_what_training_would_skip(tmp_path):
@@ -216,7 +217,7 @@ def test_evaluation_skips_and_counts_what_training_would_skip(tmp_path):
   long_prompt = dataclasses.replace(records[2], id="long", prompt="word " * 5000)
   records = [records[0], dataclasses.replace(records[1], id="sliver", images=(sliver,)),
              long_prompt, records[3]]
-  result = evaluate.run_evaluation(config, task=task, records=records, write=False)
+  result = evaluation.run_evaluation(config, task=task, records=records, write=False)
   assert result["skipped"] == {"ValueError": 1, "too_long": 1}
   assert result["num_records"] == 4 and result["num_scored"] == 2
   assert [c["id"] for c in result["completions"]] == [records[0].id, records[3].id]

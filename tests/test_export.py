@@ -15,9 +15,8 @@ from safetensors import safe_open
 
 from hf_reference import hf_forward
 from metaphorstar_jax import config_files, export, train
-from metaphorstar_jax.training import builders
 from metaphorstar_jax.models import qwen2_5_vl
-from metaphorstar_jax.training import checkpoints
+from metaphorstar_jax.training import builders, checkpoints, hf_export
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,7 +114,7 @@ def test_cli_export_of_an_eight_device_run_reloads_in_transformers_with_our_logi
   reread = data.ChatProcessor.from_pretrained(out)
   np.testing.assert_array_equal(image_text_batch(reread)["input_ids"], batch["input_ids"])
   # The trainer's end-of-run export holds the same tensors, bit for bit.
-  at_end = tensors(export.step_dir(config.workdir, 2))
+  at_end = tensors(hf_export.step_dir(config.workdir, 2))
   cli = tensors(out)
   assert at_end.keys() == cli.keys()
   for name in cli:
@@ -127,7 +126,7 @@ def test_step_flag_and_every_n_steps_exports_agree(run, tmp_path):
   hf_root = os.path.join(config.workdir, "hf")
   # export.every=1: steps 1 and 2; at_end, right after step 2's, adds nothing.
   assert sorted(os.listdir(hf_root)) == ["step_1", "step_2"]
-  assert results["exports"] == [export.step_dir(config.workdir, s) for s in (1, 2)]
+  assert results["exports"] == [hf_export.step_dir(config.workdir, s) for s in (1, 2)]
   summary = export.cli(["export", f"--checkpoint={config.workdir}", "--step=1",
                         f"--out={tmp_path / 'step1'}", "--dtype=bfloat16"])
   assert summary["step"] == 1
@@ -152,7 +151,7 @@ def test_optimizer_state_and_reference_are_never_read(run, tmp_path, monkeypatch
       read.extend(info.name for info in infos)
       return await _original(self, infos, args)
     monkeypatch.setattr(handler, "deserialize", spy)
-  export.export_checkpoint(config.workdir, str(tmp_path / "out"))
+  hf_export.export_checkpoint(config.workdir, str(tmp_path / "out"))
   saved = checkpoints.SavedArrays(os.path.join(config.workdir, "checkpoints"), 2).tree
   assert {"params", "opt_state", "ref_params"} <= set(saved)
   assert len(read) == len(qwen2_5_vl.name_table(qwen2_5_vl.preset("tiny")))
@@ -166,16 +165,16 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(run, tmp_path):
   empty_run = tmp_path / "empty_run"
   (empty_run / "checkpoints").mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match="No checkpoint under"):
-    export.export_checkpoint(str(empty_run), str(out))
+    hf_export.export_checkpoint(str(empty_run), str(out))
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    export.export_checkpoint(str(tmp_path / "missing"), str(out))
+    hf_export.export_checkpoint(str(tmp_path / "missing"), str(out))
   with pytest.raises(ValueError, match=r"No checkpoint of step 7 .* saved steps: \[1, 2\]"):
-    export.export_checkpoint(config.workdir, str(out), step=7)
+    hf_export.export_checkpoint(config.workdir, str(out), step=7)
   assert not out.exists()
   out.mkdir()
   (out / "notes.txt").write_text("keep me")
   with pytest.raises(FileExistsError, match="not an empty folder"):
-    export.export_checkpoint(config.workdir, str(out))
+    hf_export.export_checkpoint(config.workdir, str(out))
   assert os.listdir(out) == ["notes.txt"]
   # A failure half-way through the tensors leaves neither the folder nor its scratch copy.
   model_config = qwen2_5_vl.preset("tiny")
@@ -189,8 +188,8 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(run, tmp_path):
       raise OSError("disk unplugged")
     return np.zeros(shapes[entry.path], np.float32)
   with pytest.raises(OSError, match="disk unplugged"):
-    export.write_hf_checkpoint(str(tmp_path / "half"), model_config, failing_read,
-                               write_side_files=lambda folder: None)
+    hf_export.write_hf_checkpoint(str(tmp_path / "half"), model_config, failing_read,
+                                  write_side_files=lambda folder: None)
   assert len(calls) == 3 and sorted(os.listdir(tmp_path)) == ["empty_run", "out"]
 
 

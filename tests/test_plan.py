@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from metaphorstar_jax import config_defaults as common
-from metaphorstar_jax import plan as plan_lib
+from metaphorstar_jax import planning
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax import train as train_lib
 from metaphorstar_jax.training import builders
@@ -49,14 +49,14 @@ def planned_config(preset: str = "tiny", **mesh):
     ("v4-8", 4, "v4:2x2x1"), ("v5e-4", 4, "v5e:2x2"), ("v5litepod-8", 8, "v5e:2x4"),
     ("v6e-8", 8, "v6e:2x4"), ("h100:8", 8, "v5p:2x2x2"), ("cpu:8", 8, "cpu:8")])
 def test_topologies_by_their_usual_names(name, chips, compiled_for):
-  target = plan_lib.resolve_target(name)
+  target = planning.resolve_target(name)
   assert len(target.devices) == chips and target.compiled_for == compiled_for
   assert target.temporaries_estimated == name.startswith("h100")
 
 
 def test_unknown_topology_says_what_is_known():
   with pytest.raises(ValueError, match="v5e, v5p"):
-    plan_lib.resolve_target("v9x-8")
+    planning.resolve_target("v9x-8")
 
 
 @pytest.mark.slow
@@ -64,7 +64,7 @@ def test_small_plan_on_v5e_4_has_every_field():
   config = planned_config("small")
   config.model.dtype = "bfloat16"
   config.model.remat = True
-  plan = plan_lib.make_plan(config, plan_lib.resolve_target("v5e-4"))
+  plan = planning.make_plan(config, planning.resolve_target("v5e-4"))
   assert plan["fits"] and plan["chips"] == 4 and plan["mesh"] == {"data": 1, "fsdp": 4,
                                                                   "tensor": 1}
   assert {r["name"] for r in plan["programs"]} == {"prefill", "decode", "logprobs", "grpo_grads",
@@ -78,7 +78,7 @@ def test_small_plan_on_v5e_4_has_every_field():
   assert state["gradient_accumulator"] > 0 and state["kv_cache"] > 0
   assert 0 < plan["estimate"]["actor_mfu"] < 1 and plan["estimate"]["step_seconds"] > 0
   assert plan["peak_per_chip"] == max(r["peak"] for r in plan["programs"])
-  table = plan_lib.markdown(plan)
+  table = planning.markdown(plan)
   assert "| grpo_grads | grpo |" in table and "fits" in table
 
 
@@ -94,12 +94,12 @@ def oversized_config():
 
 
 def test_oversized_step_is_refused_with_the_numbers():
-  plan = plan_lib.make_plan(oversized_config(), plan_lib.resolve_target("cpu:8"),
+  plan = planning.make_plan(oversized_config(), planning.resolve_target("cpu:8"),
                             only=("grpo_grads",))
   assert not plan["fits"] and plan["peak_program"] == "grpo_grads (grpo)"
   grads = next(r for r in plan["programs"] if r["name"] == "grpo_grads")
   assert grads["temporaries"] > 32 * 2**30
-  message = plan_lib.refusal(plan)
+  message = planning.refusal(plan)
   assert f"grpo_grads (grpo) needs {grads['peak'] / 2**30:.2f} GiB per chip" in message
   assert "--config.train.grad_accum_steps=" in message
   assert "--config.model.remat=True" in message
@@ -112,12 +112,12 @@ def test_a_program_the_tpu_compiler_refuses_is_reported_with_its_sizes():
   config.plan.images_per_prompt = 0
   config.data.max_prompt_tokens = 16384
   config.train.prompts_per_step = 4096
-  plan = plan_lib.make_plan(config, plan_lib.resolve_target("v5e-4"), only=("prefill",))
+  plan = planning.make_plan(config, planning.resolve_target("v5e-4"), only=("prefill",))
   prefill, = plan["programs"]
   assert "RESOURCE_EXHAUSTED" in prefill["error"] and not plan["fits"]
   assert prefill["temporaries"] > 16 * 2**30 and prefill["arguments"] > 0
   assert prefill["peak"] == plan["peak_per_chip"] > prefill["temporaries"]
-  assert "prefill (grpo) needs" in plan_lib.refusal(plan)
+  assert "prefill (grpo) needs" in planning.refusal(plan)
 
 
 def test_train_refuses_before_loading_weights(monkeypatch, tmp_path):
@@ -131,7 +131,7 @@ def test_train_refuses_before_loading_weights(monkeypatch, tmp_path):
   config.train.prompts_per_step = 4096
   monkeypatch.setattr(builders, "build_model",
                       lambda *a: pytest.fail("train built the model before the fit check"))
-  with pytest.raises(plan_lib.DoesNotFit, match=r"prefill \(grpo\) needs [\d.]+ GiB per chip"):
+  with pytest.raises(planning.DoesNotFit, match=r"prefill \(grpo\) needs [\d.]+ GiB per chip"):
     train_lib.train(config)
 
 
@@ -144,7 +144,7 @@ def bytes_on_device(tree, device) -> int:
 @pytest.mark.slow
 def test_exact_parts_equal_a_real_run_on_8_cpu_devices():
   config = planned_config("tiny", fsdp=4, tensor=2)
-  plan = plan_lib.make_plan(config, plan_lib.resolve_target("cpu:8"), only=("prefill",))
+  plan = planning.make_plan(config, planning.resolve_target("cpu:8"), only=("prefill",))
   state = plan["state_per_chip"]
 
   # What train allocates: the sharded model, the optimizer state, the reference copy, and the

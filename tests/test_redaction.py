@@ -12,7 +12,8 @@ from absl import flags
 from ml_collections import config_flags
 from helpers import JudgeServer
 
-from metaphorstar_jax import evaluate, export, judge as judge_lib, redaction, train
+from metaphorstar_jax import evaluate, judge as judge_lib, redaction, train
+from metaphorstar_jax.training import evaluation, hf_export
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 JUDGED_CONFIG = os.path.join(CONFIGS, "tfq_grpo_7b.py") + ":smoke"
@@ -128,7 +129,7 @@ def test_the_judge_key_is_nowhere_a_judged_run_writes(tmp_path, monkeypatch, cap
                   f"--output_dir={eval_dir}", f"--config.judge.api_key={KEY}", *judged])
 
     # Read back from the run folder, the key is not there to use: it must be given again.
-    saved = export.load_run_config(str(workdir))
+    saved = hf_export.load_run_config(str(workdir))
     assert saved.judge.api_key == redaction.REDACTED
     with pytest.raises(judge_lib.JudgeError, match=judge_lib.ENV_API_KEY):
       judge_lib.JudgeConfig.resolve(saved.judge.to_dict(), environ={})
@@ -152,7 +153,7 @@ def test_the_judge_key_is_nowhere_a_judged_run_writes(tmp_path, monkeypatch, cap
              for path, data in everything_written(folder).items()}
   for name in ("config.json", "metrics.jsonl", os.path.join("eval", "judge_cache.jsonl")):
     assert str(workdir / name) in written, name
-  for name in (evaluate.RESULTS_JSON, evaluate.RESULTS_MD, evaluate.COMPLETIONS,
+  for name in (evaluation.RESULTS_JSON, evaluation.RESULTS_MD, evaluation.COMPLETIONS,
                "judge_cache.jsonl"):
     assert str(eval_dir / name) in written, name
   leaks = [path for path, data in written.items() if KEY.encode() in data]

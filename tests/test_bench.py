@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO_ROOT
+
 EXPECTED_KEYS = {
     "bench", "model", "batch", "seq_len", "image_tokens_per_sample", "ours_tokens_per_s",
     "torch_tokens_per_s", "ratio", "ours_compile_s", "ours_median_ms", "torch_median_ms",

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED_KEYS = {
     "bench", "model", "prompts", "group_size", "new_tokens", "prompt_tokens",
     "image_tokens_per_prompt", "ours_step_s", "torch_step_s", "ratio", "ours_rollout_s",

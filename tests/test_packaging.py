@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO_ROOT
 
 from metaphorstar_jax import config_files
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_configs_resolve_by_name():

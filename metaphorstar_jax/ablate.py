@@ -3,50 +3,60 @@
     python -m metaphorstar_jax.ablate --config=configs/tfq_grpo_tiny.py \
         --grid='rl.preset=grpo,dapo;rl.group_size=4,8' --seeds=3 [--root=runs/ablations]
 
-Every cell runs through the trainer's own API (`train.train(config)`) in
-`root/<setting>/seed_<s>`; a cell that finished has a `cell.json` there and is never run again,
-and one that was cut short resumes from its own checkpoints, so rerunning an interrupted grid
-picks up where it stopped. Each cell's `metrics.jsonl` is the record: the table (one row per
-setting, over seeds) and the curves are read back from it.
+Every cell is a trainer run in a process of its own, `python -m metaphorstar_jax.train
+--config=<file> --config.<field>=<value> ...`: the command line's own overrides, then the cell's,
+its seed and its workdir `root/<setting>/seed_<s>`, where its output goes to `train.log`. Each
+cell's command line is parsed as the trainer parses it before any cell runs, so a misspelt field
+or a value of the wrong type stops the grid before anything trains. A cell that finished has a
+`cell.json` and is never run again, and one that was cut short resumes from its own checkpoints,
+so rerunning an interrupted grid picks up where it stopped. SIGINT and SIGTERM are passed on to
+the running cell, which saves its step and stops (a second one stops it at once); the grid then
+stops with the cell's exit code. Each cell's `metrics.jsonl` is the record: the table (one row
+per setting, over seeds) and the curves are read back from it.
 
 Table columns: final held-out accuracy (the last evaluation of the run) as mean ± sample std over
 seeds; the steps of the last stage until an evaluation first reached `target` (mean over the
 seeds that reached it, and how many did); reward, KL and response length as the mean over the
 last `tail` logged steps of the last stage, averaged over seeds; wall time per cell.
 
-Cells that share shapes (seeds, and settings that change no program) compile once: the grid
-keeps a persistent JAX compilation cache under `root` unless one is configured already.
+Cells that share shapes (seeds, and settings that change no program) compile once: the cells'
+processes share a persistent JAX compilation cache under `root` unless one is configured already
+(JAX_COMPILATION_CACHE_DIR).
 """
 
 from __future__ import annotations
 
-import ast
+import ctypes
 import dataclasses
+import glob
 import itertools
 import json
 import math
 import os
 import re
+import shlex
+import signal
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from metaphorstar_jax import config_files
-from metaphorstar_jax import train as train_lib
 from metaphorstar_jax.training import checkpoints, metrics as metrics_lib
 
 CELL_FILE = "cell.json"  # written when a cell's run has finished
+TRAIN_LOG = "train.log"  # a cell's trainer output, appended to on each (re)start
 TABLE_JSON, TABLE_MD, CURVES_PNG = "table.json", "table.md", "curves.png"
+TRAINER = "metaphorstar_jax.train"  # the module each cell runs
 # Curves drawn side by side, when the runs logged them.
 CURVE_KEYS = ("eval/accuracy", "reward/mean", "kl", "response_length/mean")
-_INDEX = re.compile(r"^(\w+)\[(\d+)\]$")  # a path segment like stages[1]
+LOG_TAIL_LINES = 30  # of a failed cell's train.log, in the error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +71,10 @@ class Cell:
     """The setting's label, e.g. 'rl.preset=grpo rl.group_size=4' ('base' without overrides)."""
     return " ".join(f"{k}={v}" for k, v in self.overrides) or "base"
 
+  @property
+  def label(self) -> str:
+    return f"{self.setting} seed {self.seed}"
+
   def workdir(self, root: str) -> str:
     folder = re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.setting.replace(" ", "__"))
     return os.path.join(root, folder, f"seed_{self.seed}")
@@ -70,8 +84,8 @@ class Cell:
 
 def parse_grid(text: str) -> dict[str, list[str]]:
   """'rl.preset=grpo,dapo;rl.group_size=4,8' -> {'rl.preset': ['grpo', 'dapo'],
-  'rl.group_size': ['4', '8']}: axes separated by ';', values by ','. Values stay text until
-  `apply_overrides` reads them as the type of the field they replace."""
+  'rl.group_size': ['4', '8']}: axes separated by ';', values by ','. Values stay text: the
+  trainer's command line reads them as the type of the field they replace."""
   grid: dict[str, list[str]] = {}
   for axis in filter(None, (a.strip() for a in text.split(";"))):
     key, sep, values = axis.partition("=")
@@ -91,121 +105,161 @@ def grid_cells(grid: Mapping[str, Sequence[Any]], seeds: Sequence[int]) -> list[
           for values in itertools.product(*(grid[k] for k in keys)) for seed in seeds]
 
 
-def _parse_value(text: Any, current: Any) -> Any:
-  """`text` read as the type of `current` (the field's value in the base config)."""
-  if not isinstance(text, str):
-    return text
-  if isinstance(current, bool):
-    if text.lower() not in ("true", "false"):
-      raise ValueError(f"Expected True or False, got {text!r}.")
-    return text.lower() == "true"
-  if isinstance(current, int):
-    return int(text)
-  if isinstance(current, float):
-    return float(text)
-  if isinstance(current, str):
-    return text
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
+# --- a cell's run -------------------------------------------------------------------------------
+
+def cell_overrides(overrides: Sequence[tuple[str, Any]], cell: Cell,
+                   root: str) -> list[tuple[str, Any]]:
+  """(field path, value) of `cell`'s run, later ones winning: the grid's base `overrides`, the
+  cell's own, its seed and workdir, and no progress bar."""
+  return [*overrides, *cell.overrides, ("seed", cell.seed), ("workdir", cell.workdir(root)),
+          ("log.progress_bar", False)]
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, Any]],
-                    ) -> ml_collections.ConfigDict:
-  """A copy of `config` with each (path, value) set; paths like 'rl.group_size',
-  'stages[1].steps' or 'rl.overrides.use_kl_loss'. ValueError for a path the config lacks."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  for path, value in overrides:
-    node, parts = config, path.split(".")
-    # A section's fields (rl.group_size) must exist, so that a typo is an error; deeper keys
-    # (rl.overrides.use_kl_loss, data.task_options.x) and a stage's optional fields may be new.
-    must_exist = len(parts) <= 2 and not _INDEX.match(parts[0])
-    try:
-      for part in parts[:-1]:
-        indexed = _INDEX.match(part)
-        node = node[indexed.group(1)][int(indexed.group(2))] if indexed else node[part]
-      leaf = parts[-1]
-      if leaf not in node and must_exist:
-        raise KeyError(leaf)
-      current = node[leaf] if leaf in node else None
-    except (KeyError, IndexError, AttributeError, TypeError) as error:
-      raise ValueError(f"Override {path}={value!r}: the config has no field {path!r} "
-                       f"({error!r}).") from error
-    try:
-      node[leaf] = _parse_value(value, current)
-    except (ValueError, TypeError) as error:
-      raise ValueError(f"Override {path}={value!r}: {error} (the field holds "
-                       f"{current!r}).") from error
-  return config
+def train_command(config_spec: str, overrides: Sequence[tuple[str, Any]]) -> list[str]:
+  """The trainer's command line: the config file `config_spec` ('file.py' or 'file.py:smoke')
+  with each (path, value) as `--config.<path>=<value>` (values as text, e.g. 'True', '4')."""
+  return [sys.executable, "-m", TRAINER, f"--config={config_spec}",
+          *(f"--config.{path}={value}" for path, value in overrides)]
 
 
-# --- running ------------------------------------------------------------------------------------
-
-def use_compilation_cache(directory: str) -> None:
-  """Keeps compiled programs under `directory` across cells, unless a cache is set already."""
-  if jax.config.jax_compilation_cache_dir:
-    return
-  jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
-def cell_config(config: ml_collections.ConfigDict, cell: Cell,
+def cell_config(config_spec: str, overrides: Sequence[tuple[str, Any]], cell: Cell,
                 root: str) -> ml_collections.ConfigDict:
-  """The run config of `cell`: its overrides, its seed, its own workdir, no progress bar."""
-  staged = apply_overrides(config, cell.overrides)
-  staged.seed = cell.seed
-  staged.workdir = cell.workdir(root)
-  staged.log.progress_bar = False
-  return staged
+  """The config `cell`'s run trains with: its command line parsed as the trainer parses it.
+  ValueError, naming the cell, for a field the config lacks or a value its type refuses."""
+  argv = [TRAINER, *train_command(config_spec, cell_overrides(overrides, cell, root))[3:]]
+  fv = flags.FlagValues()
+  config_files.define_config_flag("config", config_spec, "The cell's config.", flag_values=fv,
+                                  sys_argv=argv)
+  try:
+    config_files.parse_flags(fv, argv)
+  except (app.UsageError, AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
+    given = " ".join(f"{k}={v}" for k, v in [*overrides, *cell.overrides])
+    raise ValueError(f"Cell {cell.label}: the trainer refuses the overrides {given!r} of "
+                     f"{config_spec}: {type(error).__name__}: {error}") from error
+  return fv.config
 
 
-def run_cell(config: ml_collections.ConfigDict, cell: Cell, root: str) -> dict:
-  """Trains one cell (resuming it if it was cut short) and writes its cell.json; returns it."""
-  staged = cell_config(config, cell, root)
+class CellFailed(RuntimeError):
+  """A cell's trainer exited with `returncode` (not 0) before the cell finished."""
+
+  def __init__(self, cell: Cell, returncode: int, log_path: str):
+    with open(log_path, errors="replace") as f:
+      tail = "".join(f.readlines()[-LOG_TAIL_LINES:])
+    how = (f"was stopped by {signal.Signals(returncode - 128).name} after saving its last step "
+           "(with checkpoint.every > 0); rerun the grid to resume it" if returncode in (130, 143)
+           else f"exited with {returncode}")
+    super().__init__(f"Cell {cell.label}: the trainer {how}. The end of {log_path}:\n{tail}")
+    self.returncode = returncode
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+  """In the trainer's process before it starts: a grid killed outright (SIGKILL) takes its cell
+  along instead of leaving it running unwatched; SIGINT and SIGTERM are passed on instead."""
+  _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_trainer(command: Sequence[str], log_path: str, env: Mapping[str, str]) -> int:
+  """Runs `command` with its output appended to `log_path`; returns its exit code. SIGINT and
+  SIGTERM that this process gets are passed on to it (from the main thread)."""
+  with open(log_path, "a") as log:
+    log.write(f"$ {shlex.join(command)}\n")
+    log.flush()
+    process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=dict(env),
+                               start_new_session=True,  # a Ctrl-C reaches it once, through us
+                               preexec_fn=_die_with_parent if _LIBC is not None else None)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, lambda s, _: process.send_signal(s))
+    try:
+      return process.wait()
+    finally:
+      for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def trainer_env(root: str, compilation_cache: bool) -> dict[str, str]:
+  """The cells' environment: this one, this package first on the path (the cells run the code
+  the grid runs), and a compilation cache under `root` unless one is set already."""
+  env = dict(os.environ)
+  package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+  if compilation_cache and not env.get("JAX_COMPILATION_CACHE_DIR"):
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.path.abspath(root), "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  return env
+
+
+def run_cell(config_spec: str, overrides: Sequence[tuple[str, Any]], cell: Cell, root: str,
+             env: Mapping[str, str]) -> dict:
+  """Trains one cell in a trainer process (resuming it if it was cut short) and writes its
+  cell.json; returns it. CellFailed if the trainer does not finish."""
+  staged = cell_config(config_spec, overrides, cell, root)
+  os.makedirs(staged.workdir, exist_ok=True)
   resumed = bool(checkpoints.saved_steps(os.path.join(staged.workdir, "checkpoints")))
+  log_path = os.path.join(staged.workdir, TRAIN_LOG)
   start = time.perf_counter()
-  results = train_lib.train(staged)
+  returncode = run_trainer(train_command(config_spec, cell_overrides(overrides, cell, root)),
+                           log_path, env)
+  if returncode != 0:
+    raise CellFailed(cell, returncode if returncode > 0 else 128 - returncode, log_path)
+  exports = glob.glob(os.path.join(staged.workdir, "hf", "step_*"))
   record = {"setting": cell.setting, "overrides": [list(o) for o in cell.overrides],
             "seed": cell.seed, "workdir": staged.workdir,
             "wall_seconds": time.perf_counter() - start,
             "resumed": resumed,  # then wall_seconds counts only the part after the resume
             "stage_steps": [int(s.steps) for s in staged.stages],
-            "exports": list(results.get("exports", []))}
+            "exports": sorted(exports, key=lambda path: int(path.rsplit("_", 1)[1]))}
   with open(os.path.join(staged.workdir, CELL_FILE), "w") as f:
     json.dump(record, f, indent=2)
   return record
 
 
-def run_grid(config: ml_collections.ConfigDict, cells: Sequence[Cell], root: str, *,
-             target: float = 0.9, tail: int = 5, compilation_cache: bool = True) -> dict:
+# --- the grid's runs ----------------------------------------------------------------------------
+
+def run_grid(config_spec: str, cells: Sequence[Cell], root: str, *,
+             overrides: Sequence[tuple[str, Any]] = (), target: float = 0.9, tail: int = 5,
+             compilation_cache: bool = True) -> dict:
   """Runs every unfinished cell, then tabulates and plots the grid.
 
   Args:
-    config: the base run config (any config file's get_config()).
+    config_spec: the base config file (e.g. `config_files.path("tfq_grpo_tiny")`), with
+      ':smoke' or another argument of its get_config if wanted.
     cells: from `grid_cells`.
     root: the grid's folder; cell workdirs, table.json, table.md and curves.png go there.
+    overrides: (field path, value) every cell starts from, before its own; values as the
+      trainer's command line takes them (text, or numbers and booleans).
     target: the held-out accuracy whose first step the table reports.
     tail: logged steps at the end of the last stage that reward, KL and length average over.
-    compilation_cache: keep compiled programs under root/jax_cache (see the module docstring).
+    compilation_cache: the cells share compiled programs under root/jax_cache (see the module
+      docstring).
 
   Returns:
     {"rows": summarize's rows, "markdown": the table, "plot": curves.png's path or None,
-     "ran": settings of the cells trained now, "skipped": those that had finished before}.
+     "ran": labels of the cells trained now, "skipped": those that had finished before}.
   """
+  file, sep, argument = config_spec.partition(":")
+  config_spec = os.path.abspath(file) + sep + argument  # as each cell's train.log records it
+  overrides = list(overrides)
+  for cell in cells:  # every cell's command line must parse before any cell trains
+    cell_config(config_spec, overrides, cell, root)
   os.makedirs(root, exist_ok=True)
-  if compilation_cache:
-    use_compilation_cache(os.path.join(os.path.abspath(root), "jax_cache"))
+  env = trainer_env(root, compilation_cache)
   ran, skipped = [], []
   for index, cell in enumerate(cells):
-    label = f"{cell.setting} seed {cell.seed}"
     if os.path.exists(os.path.join(cell.workdir(root), CELL_FILE)):
-      logging.info("Cell %d/%d (%s) finished before; not rerun.", index + 1, len(cells), label)
-      skipped.append(label)
+      logging.info("Cell %d/%d (%s) finished before; not rerun.", index + 1, len(cells),
+                   cell.label)
+      skipped.append(cell.label)
       continue
-    logging.info("Cell %d/%d: %s.", index + 1, len(cells), label)
-    run_cell(config, cell, root)
-    ran.append(label)
+    logging.info("Cell %d/%d: %s (log: %s).", index + 1, len(cells), cell.label,
+                 os.path.join(cell.workdir(root), TRAIN_LOG))
+    run_cell(config_spec, overrides, cell, root, env)
+    ran.append(cell.label)
   collected = collect(cells, root)
   rows = summarize(collected, target=target, tail=tail)
   markdown = markdown_table(rows, target)
@@ -346,9 +400,9 @@ def plot_curves(collected: Sequence[Mapping], out_path: str,
 # --- command line -------------------------------------------------------------------------------
 
 def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
-  """Our flags in a FlagValues of their own (the trainer's module holds --config globally)."""
+  """Our flags in a FlagValues of their own; each call starts from the defaults."""
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", config_files.path(config_files.DEFAULT),
+  config_files.define_config_flag("config", config_files.path(config_files.DEFAULT),
                                   "The base config file; ':smoke' for its smoke mode.",
                                   flag_values=fv, sys_argv=list(argv))
   flags.DEFINE_string("grid", "", "Axes 'path=v1,v2;path2=v3,v4' over config fields; empty: "
@@ -363,18 +417,31 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   return fv
 
 
+def config_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
+  """The `--config.<path>=<value>` (or `--config.<path> <value>`) overrides of a command line,
+  as (path, value text) in their order."""
+  found = []
+  for index, arg in enumerate(argv):
+    if not arg.startswith("--config."):
+      continue
+    path, sep, value = arg[len("--config."):].partition("=")
+    if not sep and index + 1 < len(argv):
+      value = argv[index + 1]
+    found.append((path, value))
+  return found
+
+
 def cli(argv: Sequence[str]) -> dict:
   """Runs the command line `argv` (program name first); returns run_grid's result."""
   fv = _define_flags(argv)
   config_files.parse_flags(fv, argv)
   if fv.seeds < 1:
     raise app.UsageError(f"--seeds must be at least 1, got {fv.seeds}.")
-  config = fv.config
   cells = grid_cells(parse_grid(fv.grid), range(fv.seeds))
-  for cell in cells:  # every override must name a real field before any cell trains
-    apply_overrides(config, cell.overrides)
-  root = fv.root or f"{config.workdir.rstrip('/')}_ablations"
-  return run_grid(config, cells, root, target=fv.target, tail=fv.tail)
+  root = fv.root or f"{fv.config.workdir.rstrip('/')}_ablations"
+  config_spec = config_files.config_spec(argv, config_files.path(config_files.DEFAULT))
+  return run_grid(config_spec, cells, root, overrides=config_overrides(argv), target=fv.target,
+                  tail=fv.tail)
 
 
 def main(argv):
@@ -383,6 +450,9 @@ def main(argv):
   except ValueError as error:
     print(f"ablate: {error}", file=sys.stderr)
     sys.exit(1)
+  except CellFailed as error:
+    print(f"ablate: {error}", file=sys.stderr)
+    sys.exit(error.returncode)
   print(result["markdown"])
   print(f"Ran {len(result['ran'])} cell(s), {len(result['skipped'])} finished before; "
         f"curves: {result['plot']}")
@@ -390,7 +460,7 @@ def main(argv):
 
 def _absl_flags(argv):
   """absl's own flags (--verbosity, ...) on the global FlagValues; the whole command line goes
-  to `cli`, since importing the trainer puts its own --config on the global flags."""
+  to `cli`, which parses ours into a FlagValues of their own."""
   flags.FLAGS(argv, known_only=True)
   return argv
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from metaphorstar_jax import ablate, config_defaults, config_files
+from metaphorstar_jax import ablate, config_files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The default config cut to 1 warm-start step and 2 GRPO steps with tiny batches.
@@ -25,27 +25,37 @@ SCALED_DOWN = ["--config.stages[0].steps=1", "--config.stages[1].steps=2",
                "--config.log.plot=False"]
 
 
-def test_grid_parsing_and_overrides():
+def test_grid_parsing_and_the_cells_command_lines():
   grid = ablate.parse_grid("rl.preset=grpo,dapo; rl.overrides.use_kl_loss=True,False")
   assert grid == {"rl.preset": ["grpo", "dapo"], "rl.overrides.use_kl_loss": ["True", "False"]}
   cells = ablate.grid_cells(grid, seeds=[0, 1])
   assert len(cells) == 8 and [c.seed for c in cells[:2]] == [0, 1]
   assert cells[0].setting == "rl.preset=grpo rl.overrides.use_kl_loss=True"
   assert len({c.workdir("root") for c in cells}) == 8
-  base = config_defaults.base_config()
-  config = ablate.apply_overrides(base, cells[-1].overrides + (("stages[0].steps", "7"),
-                                                               ("rl.group_size", "4")))
+  base = [("stages[0].steps", 7), ("rl.group_size", "4"), ("rl.preset", "grpo")]
+  cell = cells[-1]
+  command = ablate.train_command(config_files.path(), ablate.cell_overrides(base, cell, "root"))
+  assert command[1:4] == ["-m", "metaphorstar_jax.train", f"--config={config_files.path()}"]
+  assert "--config.stages[0].steps=7" in command and "--config.seed=1" in command
+  # The config the trainer will parse from that command line; the cell's own values win.
+  config = ablate.cell_config(config_files.path(), base, cell, "root")
   assert config.rl.preset == "dapo" and config.rl.overrides.use_kl_loss is False
+  assert config.rl.overrides.kl_loss_coef == 1.0  # the file's other keys stay
   assert config.stages[0].steps == 7 and config.rl.group_size == 4
-  assert base.rl.preset == "metaphorstar"  # the base config is left alone
+  assert config.seed == 1 and config.workdir == cell.workdir("root")
+  assert config.log.progress_bar is False
   for bad, message in [("rl.gruop_size=4", "no field 'rl.gruop_size'"),
-                       ("stages[3].steps=1", "no field 'stages\\[3\\].steps'"),
-                       ("rl.group_size=four", "holds -1")]:
+                       ("stages[3].steps=1", r"stages\[3\].*has 2 entries"),
+                       ("rl.group_size=four", "invalid literal .* 'four'")]:
     with pytest.raises(ValueError, match=message):
-      ablate.apply_overrides(base, ablate.grid_cells(ablate.parse_grid(bad), [0])[0].overrides)
+      ablate.cell_config(config_files.path(), [],
+                         ablate.grid_cells(ablate.parse_grid(bad), [0])[0], "root")
   for bad in ["rl.preset", "rl.preset=grpo,", "rl.preset=a;rl.preset=b"]:
     with pytest.raises(ValueError):
       ablate.parse_grid(bad)
+  assert ablate.config_overrides(["ablate", "--config=x.py", "--config.rl.group_size=4",
+                                  "--config.seed", "3", "--grid=a=1"]) == [
+                                      ("rl.group_size", "4"), ("seed", "3")]
 
 
 def synthetic_record(setting, seed, accuracies, rewards):

@@ -1,8 +1,13 @@
 """The run's folder: a fresh run refuses another run's checkpoints unless told to clear its
 outputs, and a resume refuses a config or data that change what the saved steps mean."""
 
+import json
 import logging
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import jax.numpy as jnp
 import pytest
@@ -70,3 +75,22 @@ def test_a_fresh_run_refuses_old_checkpoints_unless_it_clears_that_runs_outputs(
   config.checkpoint.resume, config.checkpoint.overwrite = False, True
   wd.prepare_fresh_workdir(config)
   assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # only the run's outputs went
+
+
+def test_a_lock_held_by_a_process_that_exited_unreaped_is_taken_over(tmp_path, caplog):
+  """A killed ablation leaves its cell's trainer orphaned; where init reaps nothing (containers)
+  it stays a zombie, which os.kill(pid, 0) still finds."""
+  exited = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie
+  deadline = time.time() + 60
+  while time.time() < deadline and wd._exited_unreaped(exited.pid) is False:
+    time.sleep(0.05)
+  assert wd._exited_unreaped(exited.pid)
+  try:
+    with open(tmp_path / wd.LOCK, "w") as f:
+      json.dump({"host": socket.gethostname(), "pid": exited.pid, "started": "earlier"}, f)
+    with caplog.at_level(logging.WARNING), wd.WorkdirLock(str(tmp_path)):
+      assert json.load(open(tmp_path / wd.LOCK))["pid"] == os.getpid()
+    assert f"its holder, pid {exited.pid}" in caplog.text
+  finally:
+    exited.wait()
+

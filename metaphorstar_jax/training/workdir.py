@@ -133,7 +133,17 @@ def _running(pid: int) -> bool:
     return False
   except PermissionError:  # another user's process
     return True
-  return True
+  return not _exited_unreaped(pid)
+
+
+def _exited_unreaped(pid: int) -> bool:
+  """Whether `pid` is a zombie: it has exited, but no one has collected its status yet (e.g. a
+  killed ablation's cell, orphaned in a container whose init reaps nothing)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # the state follows "(command)"
+  except (OSError, IndexError):  # no /proc (macOS), or the process just went
+    return False
 
 
 # --- what a checkpoint records of its run, and what a resumed run must keep ------------------

@@ -169,7 +169,8 @@ class OurTrainer:
     # in both stacks.
     sampler = Sampler(model, SamplingConfig(
         max_new_tokens=objective.max_new_tokens, temperature=objective.temperature,
-        top_p=objective.top_p, top_k=objective.top_k, stop_token_ids=()), mesh=self.mesh)
+        top_p=objective.top_p, top_k=objective.top_k, stop_token_ids=()), mesh=self.mesh,
+        keep_weights=False)
     tx = builders.stage_optimizer(config, config.stages[0], params)
     steps = step_lib.TrainSteps(graphdef, tx, objective.loss, temperature=objective.temperature,
                                 logit_chunk=config.train.logit_chunk)

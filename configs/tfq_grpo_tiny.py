@@ -42,7 +42,7 @@ def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
   config.rl.overrides = dict(use_kl_loss=True, kl_loss_coef=1.0)
   config.train.prompts_per_step = 16
 
-  config.warmup.think = "I look for a red circle."
+  config.sft_targets.think = "I look for a red circle."
   config.stages = [
       common.stage("warm_start", kind="sft", steps=30, learning_rate=3e-3, warmup_steps=5),
       common.stage("grpo", kind="grpo", steps=150, learning_rate=5e-4, warmup_steps=10),

@@ -35,8 +35,9 @@ STAGE_FIELDS = {
                              "generation batch when dynamic sampling (filter_groups) keeps only "
                              "groups with mixed rewards, until prompts_per_step are kept"),
     "sft_data": ("", "an sft stage's supervised trajectories (the task's records plus a 'target' "
-                 "text, e.g. JSONL); '': the format-only warm-start targets of config.warmup;"
-                 " unset (None): required, the run refuses to start without it"),
+                 "text, e.g. JSONL); '': the format-only warm-start targets of "
+                 "config.sft_targets; unset (None): required, the run refuses to start without "
+                 "it"),
 }
 
 
@@ -137,7 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
       schedule="constant", final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.01, grad_clip_norm=1.0, max_consecutive_nonfinite=10))
   # The targets an sft stage without sft_data learns (a format-only warm start).
-  config.warmup = ml_collections.ConfigDict(dict(
+  config.sft_targets = ml_collections.ConfigDict(dict(
       think="Let me look at the image carefully.",  # the <think> text of each target
       answers=("T", "F"),  # never the record's own: the warm start teaches format, not the task
       every_answer=True,  # one target per answer (an even split); False: one drawn at random
@@ -145,11 +146,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.stages = [stage("grpo", kind="grpo", steps=100, learning_rate=1e-6)]
 
   # Evaluation, periodic and by the evaluate CLI alike (evaluation.sampling_config): greedy, or
-  # sampled at `temperature` / `top_p` (-1: the RL preset's validation values); `max_new_tokens`
-  # (-1: rl.max_new_tokens); `num_samples` completions per record, metrics averaged over them.
+  # sampled at `temperature` / `top_p` (unset: the RL preset's validation values);
+  # `max_new_tokens` (unset: rl.max_new_tokens); `num_samples` completions per record, metrics
+  # averaged over them.
   config.eval = ml_collections.ConfigDict(dict(
-      every=0, num_examples=64, batch_size=32, greedy=True, temperature=-1.0, top_p=-1.0,
-      max_new_tokens=-1, num_samples=1))
+      every=0, num_examples=64, batch_size=32, greedy=True, temperature=unset(float),
+      top_p=unset(float), max_new_tokens=unset(int), num_samples=1))
   # resume: continue from the workdir's newest checkpoint that restores (older ones when it is
   # damaged), or from `step` (-1: the newest). A resumed run keeps the config fields that give
   # its steps their meaning (training/workdir.py RESUME_FIELDS) unless `allow_config_change`.

@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from metaphorstar_jax import config_files
 from metaphorstar_jax import sharding as sharding_lib
@@ -42,7 +41,7 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   """Our flags in a FlagValues of their own: the trainer's module defines --config on the global
   one, and each call starts from the defaults."""
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training/evaluation config file; "
+  config_files.define_config_flag("config", DEFAULT_CONFIG, "Training/evaluation config file; "
                                   "append ':smoke' for its smoke mode.", flag_values=fv,
                                   sys_argv=list(argv))
   flags.DEFINE_string("checkpoint", None, "A training run folder (or its checkpoints/ folder) "

@@ -21,12 +21,11 @@ import re
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from metaphorstar_jax import config_files, planning
 from metaphorstar_jax import sharding as sharding_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", config_files.path(config_files.DEFAULT),
+_CONFIG = config_files.define_config_flag("config", config_files.path(config_files.DEFAULT),
                                           "Training config file to plan.")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "v5p-8, v4-8, v5e-4, v6e-8, v5p:2x2x4, cpu:8, "
                                 "h100:8, ...; empty: this machine's devices.")
@@ -39,6 +38,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  # As train: a command-line dict merges into the file's, and a misspelt key is a usage error.
+  config_files.merge_dict_overrides(config, flags.FLAGS["config"], sys.argv,
+                                    config_files.path(config_files.DEFAULT))
   topology = _TOPOLOGY.value
   planning.use_cpu_devices(topology)
   if topology:

@@ -83,9 +83,12 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
   # --- build: policy, evaluation, metrics ------------------------------------------------------
   model = builders.build_model(config, mesh)
   builders.check_vocabulary(model, processor)
+  # run.params own the weights from here. Every update donates them, deleting the arrays `model`
+  # shares with them, so the samplers keep no weights: each call passes run.params.
   graphdef, params = nnx.split(model)
   # Periodic evaluation is the evaluation CLI's: its sampling settings, repeats and scoring.
-  eval_sampler = Sampler(model, evaluation.sampling_config(config), mesh=mesh)
+  eval_sampler = Sampler(model, evaluation.sampling_config(config), mesh=mesh,
+                         keep_weights=False)
   evaluation.check_repeats(config.eval.num_samples, eval_sampler.config)
   eval_judge, _ = evaluation.make_judge(config, task, os.path.join(workdir, "eval"))
   # The history keeps the rows up to the restored step (none when nothing is restored).

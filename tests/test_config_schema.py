@@ -131,3 +131,19 @@ def test_the_training_command_line_reports_a_misspelt_field_in_one_line():
   assert result.returncode != 0
   assert "Traceback" not in output, output
   assert "did you mean 'rl.group_size'?" in output, output
+
+
+def test_evaluation_fields_and_the_warm_start_targets_follow_the_schema():
+  config = common.base_config()
+  assert (config.eval.temperature, config.eval.top_p, config.eval.max_new_tokens) == (
+      None, None, None)  # the RL preset's validation values, and rl.max_new_tokens
+  assert "sft_targets" in config and "warmup" not in config
+  config.eval.max_new_tokens = -1
+  with pytest.raises(ValueError, match=r"eval\.max_new_tokens=-1.*unset"):
+    validation.check_config(config)
+
+
+def test_the_evaluation_command_line_reports_a_misspelt_field_as_a_usage_error():
+  from metaphorstar_jax import evaluate  # pylint: disable=g-import-not-at-top
+  with pytest.raises(app.UsageError, match=r"did you mean 'eval\.temperature'\?"):
+    evaluate.cli(["evaluate", "--config.eval.temprature=0.5"])

@@ -8,10 +8,9 @@ import torch
 from flax import nnx
 
 from hf_reference import IMAGE_PAD, random_pixels, sample_ids
-from metaphorstar_jax import sharding
+from metaphorstar_jax import rl, sharding
 from metaphorstar_jax.models import qwen2_5_vl
-from metaphorstar_jax.sampling import (Sampler, SamplingConfig, generate, next_tokens,
-                                       token_logprobs)
+from metaphorstar_jax.sampling import Sampler, SamplingConfig, generate, next_tokens
 from metaphorstar_jax.sampling.logits_processing import first_max_index
 from helpers import tiny_batch
 
@@ -92,8 +91,8 @@ def teacher_forced_logprobs(model, batch, prepared, rollouts, group_size, temper
   logits = model(full_ids, attention_mask=full_mask, pixel_values=np.concatenate(pixels),
                  image_grid_thw=np.asarray(grids))
   T = ids.shape[1]
-  picked = token_logprobs(logits[:, T - 1:-1].reshape(-1, logits.shape[-1]),
-                          jnp.asarray(tokens.reshape(-1)), temperature)
+  picked = rl.token_logprobs(logits[:, T - 1:-1].reshape(-1, logits.shape[-1]),
+                             jnp.asarray(tokens.reshape(-1)), temperature=temperature)
   return np.asarray(picked).reshape(tokens.shape) * comp_mask
 
 
@@ -157,8 +156,7 @@ def empirical(draws, vocab):
 
 def draw(n, **kwargs):
   logits = jnp.broadcast_to(jnp.asarray(TOY_LOGITS, jnp.float32), (n, len(TOY_LOGITS)))
-  tokens, _ = next_tokens(jax.random.key(7), logits, greedy=False, **kwargs)
-  return tokens
+  return next_tokens(jax.random.key(7), logits, greedy=False, **kwargs)
 
 
 def expected_distribution(temperature=1.0, top_k=0, top_p=1.0, banned=()):
@@ -191,16 +189,17 @@ def test_sampling_follows_the_filtered_distribution(kwargs):
   assert np.all(np.abs(got - want) <= 5 * np.sqrt(want * (1 - want) / n) + 1e-9), (got, want)
 
 
-def test_banned_tokens_are_never_drawn_and_logprobs_use_full_vocab():
+def test_banned_tokens_are_never_drawn():
+  # (Their log-probs still count the banned tokens: see test_sampled_logprobs_equal_teacher_forcing,
+  # where the vision tokens are banned.)
   n = 20000
   logits = jnp.broadcast_to(jnp.asarray(TOY_LOGITS, jnp.float32), (n, 6))
-  tokens, logprobs = next_tokens(jax.random.key(1), logits, greedy=False, temperature=1.0,
-                                 top_k=0, top_p=1.0, banned_ids=(0, 2))
+  tokens = next_tokens(jax.random.key(1), logits, greedy=False, temperature=1.0, top_k=0,
+                       top_p=1.0, banned_ids=(0, 2))
   got = empirical(tokens, 6)
   assert got[0] == 0 and got[2] == 0
   want = expected_distribution(banned=(0, 2))
   assert np.all(np.abs(got - want) <= 5 * np.sqrt(want * (1 - want) / n) + 1e-9)
-  np.testing.assert_allclose(np.asarray(logprobs), TOY_LOGITS[np.asarray(tokens)], atol=1e-6)
 
 
 def test_first_max_index_is_argmax_and_draws_are_jax_categorical():
@@ -213,7 +212,7 @@ def test_first_max_index_is_argmax_and_draws_are_jax_categorical():
   logits = jnp.asarray(x[5:]).at[:, :10].set(-jnp.inf)
   for seed in range(5):
     key = jax.random.key(seed)
-    tokens, _ = next_tokens(key, logits, greedy=False, temperature=1.0, top_k=0, top_p=1.0)
+    tokens = next_tokens(key, logits, greedy=False, temperature=1.0, top_k=0, top_p=1.0)
     np.testing.assert_array_equal(np.asarray(tokens),
                                   np.asarray(jax.random.categorical(key, logits, axis=-1)))
 
@@ -285,6 +284,18 @@ def test_compile_count_is_constant_across_weight_updates_and_bucketed_prompts():
   sampler(long, group_size=2, key=jax.random.key(0))
   assert sampler.compiled_programs == compiled + 2
   assert np.asarray(rollouts.tokens_BN).shape == (4, 5)
+
+
+def test_a_sampler_that_keeps_no_weights_takes_them_per_call():
+  model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=7)
+  config = SamplingConfig(max_new_tokens=4, greedy=True)
+  weightless = Sampler(model, config, keep_weights=False)
+  assert weightless.state is None
+  batch = tiny_batch(model.config)
+  with pytest.raises(ValueError, match="state="):
+    weightless(batch)
+  np.testing.assert_array_equal(np.asarray(weightless(batch, state=nnx.state(model)).tokens_BN),
+                                np.asarray(Sampler(model, config)(batch).tokens_BN))
 
 
 def test_sharded_sampler_matches_single_device(hf_tiny):

@@ -182,8 +182,8 @@ def stage_programs(config, stage, model, params, layout: Layout, state: dict) ->
          count), kw, shapes, updates * train_cfg.grad_accum_steps, resident_args=("params",),
         extra_resident=accumulator, assumed_outputs=like_params))
   elif stage.kind == "sft":
-    per_record = 1 if stage.get("sft_data") else (
-        len(tuple(config.warmup.answers)) if config.warmup.every_answer else 1)
+    per_record = 1 if stage.sft_data else (
+        len(tuple(config.sft_targets.answers)) if config.sft_targets.every_answer else 1)
     shapes = micro_shapes(train_cfg.prompts_per_step // train_cfg.grad_accum_steps, per_record)
     shapes["N"] = N  # targets are bounded here by rl.max_new_tokens
     seq = sequence_batch(layout, shapes["P"], shapes["T"], shapes["B"], N, shapes["S"], shapes["I"],

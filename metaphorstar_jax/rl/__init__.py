@@ -16,8 +16,8 @@ flow on array values. A trainer's step, in order (B = P·G rows, row b = prompt 
 
 Module map: `config` (knobs, presets), `advantages`, `aggregation` (loss_agg_mode), `losses`
 (PPO-clip, dual-clip, GSPO, TIS, the total loss), `kl`, `logprobs` (log-probs and entropy from
-logits), `dapo` (dynamic sampling, overlong penalty and filtering), `tree` (entropy-branched
-rollouts: where to branch, how branch rows join their roots).
+logits, for sampler and trainer alike), `dapo` (dynamic sampling, overlong penalty and
+filtering), `tree` (entropy-branched rollouts: where to branch, how branch rows join their roots).
 """
 
 from metaphorstar_jax.rl.advantages import (compute_advantages, flatten_groups, grpo_advantages,
@@ -29,7 +29,7 @@ from metaphorstar_jax.rl.dapo import (DrawDecision, dynamic_sampling_decision, f
                                       loss_mask, mask_truncated, overlong_penalty, shape_rewards)
 from metaphorstar_jax.rl.kl import (adaptive_kl_coef, kl_estimate, kl_in_reward, kl_loss,
                                     kl_penalized_rewards, next_kl_coef)
-from metaphorstar_jax.rl.logprobs import entropy_from_logits, token_logprobs
+from metaphorstar_jax.rl.logprobs import token_logprobs, token_logprobs_and_entropy
 from metaphorstar_jax.rl.losses import (ClippedLoss, clipped_policy_loss, policy_log_ratio,
                                         policy_loss, sequence_log_ratio, tis_weights)
 from metaphorstar_jax.rl.tree import (TreeRollout, branch_points, branchable_tokens, group_order,
@@ -39,10 +39,11 @@ __all__ = [
     "ADV_ESTIMATORS", "KL_TYPES", "LOSS_AGG_MODES", "LOSS_MODES", "PRESET_NAMES",
     "ClippedLoss", "DrawDecision", "LossConfig", "RLPreset", "RolloutConfig", "TreeRollout",
     "adaptive_kl_coef", "aggregate", "branch_points", "branchable_tokens", "clipped_policy_loss",
-    "compute_advantages", "dynamic_sampling_decision", "entropy_from_logits",
+    "compute_advantages", "dynamic_sampling_decision",
     "filter_groups_mask", "flatten_groups", "group_order", "group_statistics", "grpo_advantages",
     "join_branches", "kl_estimate", "kl_in_reward", "kl_loss",
     "kl_penalized_rewards", "loss_mask", "mask_truncated", "masked_mean", "next_kl_coef",
     "overlong_penalty", "policy_log_ratio", "policy_loss", "preset", "rloo_advantages",
     "sequence_log_ratio", "shape_rewards", "tis_weights", "token_logprobs",
+    "token_logprobs_and_entropy",
 ]

@@ -1,6 +1,9 @@
-"""Sampled-token log-probs and per-token entropy from logits, computed stably in float32.
+"""Sampled-token log-probs and per-token entropy from logits, computed stably in float32: the one
+implementation the sampler's decode step and the trainer's scoring both call.
 
-Shape letters: B rows, T completion tokens, V vocabulary.
+Shape letters: B rows, N completion tokens, V vocabulary. Leading axes are free: the trainer passes
+logits_BNV and tokens_BN, the sampler's decode step logits_BV and tokens_B, and both run the same
+arithmetic (jitted, equal to the bit on the same logits: tests/test_rl_logprobs.py).
 
 `temperature` is a required argument on purpose. The trainer must divide the logits by the same
 temperature the sampler used, or the importance ratios compare two different distributions. That is
@@ -13,36 +16,49 @@ import jax
 import jax.numpy as jnp
 
 
-def token_logprobs(logits_BTV, tokens_BT, *, temperature: float):
-  """log softmax(logits / temperature)[token] for each position.
+def _normalised(logits_BNV, temperature: float):
+  """(logits / temperature less its row maximum, log Σ_v exp of that), in float32: log softmax is
+  their difference, which `jax.nn.log_softmax` forms the same way. Log-probs gather before the
+  subtraction (no [..., V] result to hold); the entropy needs the whole difference."""
+  scaled_BNV = logits_BNV.astype(jnp.float32) / temperature
+  shifted_BNV = scaled_BNV - jax.lax.stop_gradient(jnp.max(scaled_BNV, axis=-1, keepdims=True))
+  return shifted_BNV, jnp.log(jnp.sum(jnp.exp(shifted_BNV), axis=-1))
+
+
+def _picked(shifted_BNV, log_norm_BN, tokens_BN):
+  picked_BN = jnp.take_along_axis(shifted_BNV, tokens_BN[..., None].astype(jnp.int32),
+                                  axis=-1)[..., 0]
+  return picked_BN - log_norm_BN
+
+
+def _entropy(shifted_BNV, log_norm_BN):
+  # H = -Σ_v p_v log p_v. Where p is 0 (a -inf logit), log p is -inf; a finite stand-in keeps
+  # 0·log p, and its gradient, at 0.
+  logp_BNV = shifted_BNV - log_norm_BN[..., None]
+  p_BNV = jnp.exp(logp_BNV)
+  return -jnp.sum(p_BNV * jnp.where(p_BNV > 0, logp_BNV, 0.0), axis=-1)
+
+
+def token_logprobs(logits_BNV, tokens_BN, *, temperature: float):
+  """log softmax(logits / temperature)[token] over the full vocabulary, at each position.
 
   Args:
-    logits_BTV: [B, T, V] logits that predict the completion tokens (already shifted by one).
-    tokens_BT: [B, T] int token ids.
+    logits_BNV: [..., V] logits that predict `tokens_BN` (already shifted by one).
+    tokens_BN: [...] int token ids.
     temperature: the sampling temperature.
 
   Returns:
-    logprobs_BT, float32 [B, T].
+    logprobs_BN, float32 [...].
   """
-  scaled_BTV = logits_BTV.astype(jnp.float32) / temperature
-  log_norm_BT = jax.nn.logsumexp(scaled_BTV, axis=-1)
-  picked_BT = jnp.take_along_axis(scaled_BTV, tokens_BT[..., None].astype(jnp.int32),
-                                  axis=-1)[..., 0]
-  return picked_BT - log_norm_BT
+  return _picked(*_normalised(logits_BNV, temperature), tokens_BN)
 
 
-def entropy_from_logits(logits_BTV, *, temperature: float):
-  """Entropy of softmax(logits / temperature) at each position.
-
-  H = -Σ_v p_v log p_v, with the p·log p of a zero-probability entry (e.g. a -inf logit from a
-  top-k/top-p mask) taken as 0 in both the value and its gradient.
+def token_logprobs_and_entropy(logits_BNV, tokens_BN, *, temperature: float):
+  """`token_logprobs`, and the entropy of softmax(logits / temperature) at each position, from
+  one normalisation of the logits.
 
   Returns:
-    entropy_BT, float32 [B, T].
+    (logprobs_BN, entropy_BN), float32 [...]; the log-probs equal `token_logprobs`' exactly.
   """
-  scaled_BTV = logits_BTV.astype(jnp.float32) / temperature
-  logp_BTV = jax.nn.log_softmax(scaled_BTV, axis=-1)
-  p_BTV = jnp.exp(logp_BTV)
-  # Where p is 0, log p may be -inf; a finite stand-in keeps 0·log p (and its gradient) at 0.
-  safe_logp_BTV = jnp.where(p_BTV > 0, logp_BTV, 0.0)
-  return -jnp.sum(p_BTV * safe_logp_BTV, axis=-1)
+  shifted_BNV, log_norm_BN = _normalised(logits_BNV, temperature)
+  return _picked(shifted_BNV, log_norm_BN, tokens_BN), _entropy(shifted_BNV, log_norm_BN)

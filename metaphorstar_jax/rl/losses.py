@@ -131,8 +131,8 @@ def policy_loss(config: LossConfig, logprobs_BT, old_logprobs_BT, advantages_B, 
     advantages_B: [B] per-row advantages, or [B, T] per-token ones.
     mask_BT: [B, T], 1/True on completion tokens that count.
     ref_logprobs_BT: log π_ref, [B, T]; needed when `use_kl_loss`, else only logged.
-    entropy_BT: per-token entropy of π_θ, [B, T] (see `logprobs.entropy_from_logits`); needed
-      when `entropy_coeff` != 0, else only logged.
+    entropy_BT: per-token entropy of π_θ, [B, T] (see `logprobs.token_logprobs_and_entropy`);
+      needed when `entropy_coeff` != 0, else only logged.
     sampler_logprobs_BT: log-probs the sampler reported, [B, T]; needed when `tis_cap` is set,
       else only the mismatch is logged.
     token_count, seq_count: mini-batch totals for gradient accumulation (see `aggregation`).
@@ -151,7 +151,7 @@ def policy_loss(config: LossConfig, logprobs_BT, old_logprobs_BT, advantages_B, 
                      "pass them, or set use_kl_loss=False.")
   if config.entropy_coeff != 0 and entropy_BT is None:
     raise ValueError(f"entropy_coeff={config.entropy_coeff} needs entropy_BT; compute it with "
-                     "logprobs.entropy_from_logits, or set entropy_coeff=0.")
+                     "logprobs.token_logprobs_and_entropy, or set entropy_coeff=0.")
   if config.tis_cap is not None and sampler_logprobs_BT is None:
     raise ValueError(f"tis_cap={config.tis_cap} needs sampler_logprobs_BT (the log-probs the "
                      "sampler reported); pass them, or set tis_cap=None.")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from PIL import Image
 
 from metaphorstar_jax.sampling.sampler import Sampler, SamplingConfig
@@ -42,10 +41,5 @@ def generate(model, processor, prompts: Sequence[str | list[dict]],
       top_k=top_k))
   rollouts = sampler(processor(conversations), group_size=num_samples,
                      key=jax.random.key(seed))
-  tokens, lengths = np.asarray(rollouts.tokens_BN), np.asarray(rollouts.lengths_B)
-  stops = set(sampler.config.stop_token_ids)
-  texts = []
-  for row, length in zip(tokens, lengths):
-    ids = [int(t) for t in row[:length] if int(t) not in stops]
-    texts.append(processor.decode(ids, skip_special_tokens=True))
+  texts = sampler.texts(processor, rollouts.tokens_BN, rollouts.lengths_B)
   return [texts[p * num_samples:(p + 1) * num_samples] for p in range(len(conversations))]

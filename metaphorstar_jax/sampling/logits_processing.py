@@ -1,4 +1,5 @@
-"""Turning next-token logits into a sampled token and its log-probability.
+"""Turning next-token logits into a sampled token (its log-probability is `rl.token_logprobs`,
+the trainer's).
 
 Shape letters: B rows, V vocabulary.
 """
@@ -42,17 +43,6 @@ def top_p_filter(logits_BV, p: float):
   return jnp.where(logits_BV < threshold_B1, _NEG_INF, logits_BV)
 
 
-def token_logprobs(logits_BV, tokens_B, temperature: float):
-  """log softmax(logits / temperature) over the full vocabulary at `tokens_B`.
-
-  This is what the trainer recomputes, so sampler and trainer log-probs are comparable:
-  no banning or top-k/top-p truncation enters it.
-  """
-  scaled_BV = logits_BV.astype(jnp.float32) / temperature
-  logprobs_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
-  return jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
-
-
 def first_max_index(x_BV):
   """jnp.argmax over the last axis (the first maximum; the first NaN if any), as int32.
 
@@ -71,15 +61,12 @@ def next_tokens(key, logits_BV, *, greedy: bool, temperature: float, top_k: int,
   """Draws one token per row: temperature, then top-k, then top-p, as transformers orders them.
 
   Returns:
-    tokens_B (int32) and their log-probabilities under `token_logprobs` (float32).
+    tokens_B, int32.
   """
-  logits_BV = logits_BV.astype(jnp.float32)
-  allowed_BV = ban_tokens(logits_BV, banned_ids)
+  allowed_BV = ban_tokens(logits_BV.astype(jnp.float32), banned_ids)
   if greedy:
-    tokens_B = first_max_index(allowed_BV)
-    return tokens_B, token_logprobs(logits_BV, tokens_B, 1.0)
+    return first_max_index(allowed_BV)
   filtered_BV = top_p_filter(top_k_filter(allowed_BV / temperature, top_k), top_p)
   # The Gumbel-max draw of jax.random.categorical, with its argmax made cheaper: same tokens.
   gumbel_BV = jax.random.gumbel(key, filtered_BV.shape, filtered_BV.dtype)
-  tokens_B = first_max_index(gumbel_BV + filtered_BV)
-  return tokens_B, token_logprobs(logits_BV, tokens_B, temperature)
+  return first_max_index(gumbel_BV + filtered_BV)

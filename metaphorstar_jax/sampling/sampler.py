@@ -121,12 +121,19 @@ class Sampler:
   """Draws groups of rollouts from a Qwen2.5-VL model.
 
       sampler = Sampler(model, SamplingConfig(max_new_tokens=128, temperature=1.0, top_p=0.99))
-      rollouts = sampler(batch, group_size=5, key=jax.random.key(0))       # current weights
+      rollouts = sampler(batch, group_size=5, key=jax.random.key(0))       # the model's weights
       rollouts = sampler(batch, group_size=5, key=key, state=new_params)  # no recompile
+
+  A trainer builds its samplers with `keep_weights=False`: they hold no arrays and every call
+  passes `state=`. Its updates donate the parameters, and a split of the model shares their
+  buffers, so a sampler that kept one would be left holding deleted arrays after the first update.
+  The sampler itself donates only what it allocates (the decode loop's carry: KV cache, tokens).
   """
 
-  def __init__(self, model: Qwen2_5_VL, config: SamplingConfig, mesh: Mesh | None = None):
-    self.graphdef, self.state = nnx.split(model)
+  def __init__(self, model: Qwen2_5_VL, config: SamplingConfig, mesh: Mesh | None = None, *,
+               keep_weights: bool = True):
+    self.graphdef = nnx.graphdef(model)
+    self.state = nnx.state(model) if keep_weights else None
     self.model_config = model.config
     self.mesh = mesh
     cfg = model.config
@@ -160,16 +167,11 @@ class Sampler:
                   *, group_size: int, new_tokens: int):
     self.compiled_programs += 1
     model = nnx.merge(self.graphdef, state)
-    num_prompts, prompt_len = input_ids_PT.shape
-    positions_3PT, deltas_P = model.position_ids(input_ids_PT, attention_mask_PT, image_grid_thw)
-    x_PTD = model.embed(input_ids_PT, pixel_values_SP, image_grid_thw)
+    num_prompts = input_ids_PT.shape[0]
     cache_dtype = jnp.dtype(self.config.cache_dtype or model.config.compute_dtype)
-    prompt_valid_PT = attention_mask_PT > 0
-    hidden_PTD, prompt_cache = model.cached_hidden_states(
-        x_PTD, positions_3PT, model.init_cache(num_prompts, prompt_len, cache_dtype), 0,
-        prompt_valid_PT)
+    hidden_PTD, prompt_cache, prompt_valid_PT, next_position_P = model.prefill(
+        input_ids_PT, attention_mask_PT, pixel_values_SP, image_grid_thw, cache_dtype=cache_dtype)
     logits_PV = model.logits(hidden_PTD[:, -1]).astype(jnp.float32)
-    next_position_P = deltas_P + attention_mask_PT.sum(axis=1).astype(jnp.int32)
 
     tile = lambda a: self._constrain_rows(jnp.repeat(a, group_size, axis=0))
     return dict(prompt_cache=jax.tree.map(self._constrain_rows, prompt_cache),
@@ -183,6 +185,9 @@ class Sampler:
     cfg = self.config
     model = nnx.merge(self.graphdef, state)
     stop_ids = jnp.asarray(cfg.stop_token_ids, jnp.int32)
+    # Log-probs and entropy are the trainer's (rl.logprobs) at the sampling temperature: over the
+    # whole vocabulary, before bans and top-k/top-p; greedy rows are scored at temperature 1.
+    temperature = 1.0 if cfg.greedy else cfg.temperature
     B, N = carry["tokens"].shape
     prefix = (carry["prompt_cache"], carry["prompt_valid"])
     # Completion slots count as valid from the start; causality hides the ones not yet written.
@@ -193,10 +198,17 @@ class Sampler:
 
     def body(c):
       step_key = jax.random.fold_in(key, c["step"])
-      tokens_B, logprobs_B = logits_processing.next_tokens(
+      active_B = ~c["done"]
+      tokens_B = logits_processing.next_tokens(
           step_key, c["logits"], greedy=cfg.greedy, temperature=cfg.temperature,
           top_k=cfg.top_k, top_p=cfg.top_p, banned_ids=cfg.banned_token_ids)
-      active_B = ~c["done"]
+      if cfg.return_entropy:
+        logprobs_B, entropy_B = rl.token_logprobs_and_entropy(c["logits"], tokens_B,
+                                                              temperature=temperature)
+        c = dict(c, entropy=c["entropy"].at[:, c["step"]].set(
+            jnp.where(active_B, entropy_B, 0.0)))
+      else:
+        logprobs_B = rl.token_logprobs(c["logits"], tokens_B, temperature=temperature)
       tokens_B = jnp.where(active_B, tokens_B, self.pad_id)
       lengths_B = c["lengths"] + active_B
       stopped_B = active_B & jnp.isin(tokens_B, stop_ids)
@@ -205,11 +217,6 @@ class Sampler:
       positions_3B1 = jnp.broadcast_to(c["next_position"][None, :, None], (3, B, 1))
       hidden_B1D, cache = model.cached_hidden_states(x_B1D, positions_3B1, c["cache"],
                                                      c["step"], kv_valid_BN, prefix)
-      if cfg.return_entropy:
-        entropy_B = rl.entropy_from_logits(
-            c["logits"], temperature=1.0 if cfg.greedy else cfg.temperature)
-        c = dict(c, entropy=c["entropy"].at[:, c["step"]].set(
-            jnp.where(active_B, entropy_B, 0.0)))
       return dict(
           c,
           step=c["step"] + 1,
@@ -249,6 +256,14 @@ class Sampler:
     return (_bucket(prompt_tokens, self.config.min_prompt_bucket),
             _bucket(patches, self.config.min_patch_bucket), _bucket(images + 1, 2))
 
+  def texts(self, processor, tokens_BN, lengths_B) -> list[str]:
+    """Each row's completion as text: its first lengths_B[b] tokens less the stop tokens, decoded
+    by `processor` with special tokens skipped."""
+    tokens_BN, lengths_B = sharding_lib.to_host(tokens_BN), sharding_lib.to_host(lengths_B)
+    stops = set(self.config.stop_token_ids)
+    return [processor.decode([int(t) for t in row[:n] if int(t) not in stops],
+                             skip_special_tokens=True) for row, n in zip(tokens_BN, lengths_B)]
+
   def programs(self) -> dict[str, Any]:
     """The jitted prefill and decode functions, for ahead-of-time lowering (metaphorstar_jax.plan)."""
     return {"prefill": self._prefill, "decode": self._decode}
@@ -273,8 +288,8 @@ class Sampler:
         (S, 1176) and image_grid_thw (N, 3).
       group_size: G samples per prompt.
       key: a jax PRNG key (required unless greedy).
-      state: model weights (an nnx.State like `nnx.split(model)[1]`); default: those given at
-        construction. Passing new weights does not recompile.
+      state: model weights (an nnx.State like `nnx.split(model)[1]`); default: the model's, kept
+        at construction (required with keep_weights=False). New weights do not recompile.
       max_new_tokens_per_row: optional (P·G,) budgets, each at most config.max_new_tokens.
 
     Returns:
@@ -291,7 +306,11 @@ class Sampler:
       if not cfg.greedy:
         raise ValueError("Sampling needs a PRNG key: pass key=jax.random.key(seed).")
       key = jax.random.key(0)
-    state = self.state if state is None else state
+    if state is None:
+      if self.state is None:
+        raise ValueError("This sampler keeps no weights (keep_weights=False, as a trainer builds "
+                         "it, since its updates donate them); pass the current ones as state=.")
+      state = self.state
     ids, mask, pixels, grids = prepared
     num_prompts = ids.shape[0]
     rows, new = num_prompts * group_size, cfg.max_new_tokens

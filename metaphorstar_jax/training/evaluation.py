@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -80,14 +80,11 @@ def sampling_config(config, mode: str | None = None) -> SamplingConfig:
   mode = mode or ("greedy" if config.eval.greedy else "validation")
   if mode not in SAMPLING_MODES:
     raise ValueError(f"Sampling mode {mode!r} is not one of {SAMPLING_MODES}.")
-  max_new_tokens = int(config.eval.max_new_tokens)
-  if max_new_tokens <= 0:
-    max_new_tokens = int(config.rl.max_new_tokens)
+  unset = lambda value, fallback: fallback if value is None else value  # base_config's None
+  max_new_tokens = int(unset(config.eval.max_new_tokens, config.rl.max_new_tokens))
   rollout = rl.preset(config.rl.preset).rollout
-  temperature = float(config.eval.temperature)
-  top_p = float(config.eval.top_p)
-  temperature = rollout.val_temperature if temperature < 0 else temperature
-  top_p = rollout.val_top_p if top_p < 0 else top_p
+  temperature = float(unset(config.eval.temperature, rollout.val_temperature))
+  top_p = float(unset(config.eval.top_p, rollout.val_top_p))
   if mode == "greedy" or temperature == 0:
     return SamplingConfig(max_new_tokens=max_new_tokens, greedy=True)
   return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
@@ -95,13 +92,19 @@ def sampling_config(config, mode: str | None = None) -> SamplingConfig:
 
 # --- generating and scoring ---------------------------------------------------------------------
 
+class EvaluationStopped(Exception):
+  """An evaluation given up between batches because its `should_stop` said so (a pre-emption)."""
+
+
 def generate(examples: Sequence[Example], processor, sampler: Sampler, params=None, *,
-             batch_size: int, num_samples: int = 1, key=None,
-             progress: bool = False) -> list[list[str]]:
+             batch_size: int, num_samples: int = 1, key=None, progress: bool = False,
+             should_stop: Callable[[], bool] | None = None) -> list[list[str]]:
   """texts[k][i]: the k-th of `num_samples` completions of examples[i] (screened records, see
   data.pipeline.screen_records).
 
   The K samples of a record come from one prefill whose cache they share (group_size=K).
+  `should_stop`, asked before each batch (by every process: it may be a collective), ends the
+  evaluation with EvaluationStopped when it returns True.
   """
   key = jax.random.key(0) if key is None else key
   stops = set(sampler.config.stop_token_ids)
@@ -111,6 +114,8 @@ def generate(examples: Sequence[Example], processor, sampler: Sampler, params=No
     from tqdm import tqdm
     starts = tqdm(starts, desc="evaluate", dynamic_ncols=True)
   for start in starts:
+    if should_stop is not None and should_stop():
+      raise EvaluationStopped(f"Evaluation stopped after {start} of {len(examples)} records.")
     chunk = examples[start:start + batch_size]
     rollouts = sampler(collate(chunk, sampler.pad_id), group_size=num_samples, key=jax.random.fold_in(key, start),
                        state=params)
@@ -173,10 +178,11 @@ def check_repeats(num_samples: int, sampling: SamplingConfig) -> None:
 def evaluate_records(task: Task, records: Sequence[Record], processor, sampler: Sampler,
                      params=None, *, batch_size: int, max_prompt_tokens: int,
                      num_samples: int = 1, seed: int = 0, judge: judge_lib.Judge | None = None,
-                     progress: bool = False) -> dict:
+                     progress: bool = False,
+                     should_stop: Callable[[], bool] | None = None) -> dict:
   """Generates `num_samples` completions per record and scores each repeat. Records training
   would skip (bad images, missing fields, prompts over `max_prompt_tokens`) are skipped and
-  counted here too.
+  counted here too. `should_stop`: see `generate`.
 
   Returns:
     {"metrics": mean over repeats, "metrics_std": their spread, "repeats": per-repeat metrics,
@@ -193,7 +199,8 @@ def evaluate_records(task: Task, records: Sequence[Record], processor, sampler: 
                     sum(skipped.values()), len(records), dict(skipped), len(examples))
   records = [e.record for e in examples]
   texts = generate(examples, processor, sampler, params, batch_size=batch_size,
-                   num_samples=num_samples, key=jax.random.key(seed), progress=progress)
+                   num_samples=num_samples, key=jax.random.key(seed), progress=progress,
+                   should_stop=should_stop)
   repeats, completions = [], []
   for k, repeat_texts in enumerate(texts):
     metrics, details = score_completions(task, records, repeat_texts, judge)

@@ -33,10 +33,11 @@ class Learner:
 def build_learner(config, stage, model, graphdef, params, task, processor, mesh) -> Learner:
   staged = stage_config(config, stage)
   objective = build_objective(staged)
+  # keep_weights=False: the run's params are passed to every call, as the updates donate them.
   sampler = Sampler(model, SamplingConfig(
       max_new_tokens=objective.max_new_tokens, temperature=objective.temperature,
       top_p=objective.top_p, top_k=objective.top_k, return_entropy=objective.tree is not None),
-      mesh=mesh)
+      mesh=mesh, keep_weights=False)
   steps = step_lib.TrainSteps(graphdef, stage_optimizer(config, stage, params), objective.loss,
                               temperature=objective.temperature,
                               logit_chunk=config.train.logit_chunk,

@@ -32,28 +32,24 @@ class SequenceBatch(NamedTuple):
 def completion_hidden_states(model, batch: SequenceBatch):
   """Decoder states (B, N, D) that predict each completion token (one step to its left).
 
-  The decoder runs once over the P prompts, filling a KV cache that each group of G completions
-  shares (as the sampler does); the B completions run through the cached path, attending to
-  [their prompt's keys ; their own causal keys]. Equal to one full pass over the G-tiled
-  prompt+completion rows, at 1/G of the prompt's cost, and differentiable through both passes.
+  The decoder runs once over the P prompts (`model.prefill`, the sampler's prefill), filling a KV
+  cache that each group of G completions shares (as the sampler does); the B completions run
+  through the cached path, attending to [their prompt's keys ; their own causal keys]. Equal to
+  one full pass over the G-tiled prompt+completion rows, at 1/G of the prompt's cost, and
+  differentiable through both passes.
   The last completion token is never fed: nothing reads its state.
   """
-  P, T = batch.prompt_ids_PT.shape
+  P = batch.prompt_ids_PT.shape[0]
   B, N = batch.completion_BN.shape
   tile = lambda a: jnp.repeat(a, B // P, axis=0)
-  positions_3PT, deltas_P = model.position_ids(batch.prompt_ids_PT, batch.prompt_mask_PT,
-                                               batch.image_grid_thw_N3)
-  prompt_PTD = model.embed(batch.prompt_ids_PT, batch.pixel_values_SP, batch.image_grid_thw_N3)
-  prompt_valid_PT = batch.prompt_mask_PT > 0
-  prompt_hidden_PTD, cache = model.cached_hidden_states(
-      prompt_PTD, positions_3PT, model.init_cache(P, T), 0, prompt_valid_PT)
+  prompt_hidden_PTD, cache, prompt_valid_PT, next_position_P = model.prefill(
+      batch.prompt_ids_PT, batch.prompt_mask_PT, batch.pixel_values_SP, batch.image_grid_thw_N3)
   last_B1D = tile(prompt_hidden_PTD[:, -1:])  # prompts are left-aligned: T-1 is always real
   fed = N - 1
   if fed == 0:
     return last_B1D
   # Completion positions continue from the prompt's, like the sampler's decode positions.
-  first_B = tile(deltas_P + batch.prompt_mask_PT.sum(axis=1).astype(jnp.int32))
-  positions_BF = first_B[:, None] + jnp.arange(fed, dtype=jnp.int32)[None]
+  positions_BF = tile(next_position_P)[:, None] + jnp.arange(fed, dtype=jnp.int32)[None]
   # The completions attend to their prompt's keys, shared by the group as in the sampler (read
   # once, never tiled), then to their own causal keys.
   hidden_BFD, _ = model.cached_hidden_states(
@@ -80,10 +76,10 @@ def completion_logprobs(model, batch: SequenceBatch, *, temperature: float = 1.0
 
   def score(hidden_BCD, tokens_BC):
     logits_BCV = model.logits(hidden_BCD)
+    if with_entropy:
+      return rl.token_logprobs_and_entropy(logits_BCV, tokens_BC, temperature=temperature)
     picked_BC = rl.token_logprobs(logits_BCV, tokens_BC, temperature=temperature)
-    if not with_entropy:
-      return picked_BC, jnp.zeros_like(picked_BC)
-    return picked_BC, rl.entropy_from_logits(logits_BCV, temperature=temperature)
+    return picked_BC, jnp.zeros_like(picked_BC)
 
   B, N = tokens_BN.shape
   if chunk_size <= 0 or chunk_size >= N:

@@ -66,13 +66,6 @@ class ScoredGroups:
     return len(self.records)
 
 
-def completion_texts(processor, sampler: Sampler, tokens_BN, lengths_B) -> list[str]:
-  tokens, lengths = sharding_lib.to_host(tokens_BN), sharding_lib.to_host(lengths_B)
-  stops = set(sampler.config.stop_token_ids)
-  return [processor.decode([int(t) for t in row[:n] if int(t) not in stops],
-                           skip_special_tokens=True) for row, n in zip(tokens, lengths)]
-
-
 def score_rollouts(task, records, texts: list[str], group_size: int):
   """Per-row total reward (B,) and each row's reward components."""
   scores = [task.score(text, records[row // group_size]) for row, text in enumerate(texts)]
@@ -159,7 +152,7 @@ def draw_groups(params, objective: Objective, batch, task, processor, sampler: S
   else:
     rows, metrics = tree_rows(params, objective.tree, list(batch.examples), prepared, processor,
                               sampler, key)
-  texts = completion_texts(processor, sampler, rows.tokens_BN, rows.lengths_B)
+  texts = sampler.texts(processor, rows.tokens_BN, rows.lengths_B)
   rewards, scores = score_rollouts(task, batch.records, texts, G)
   shaped = np.asarray(rl.shape_rewards(objective.loss, objective.rollout.replace(
       max_response_length=objective.max_new_tokens), jnp.asarray(rewards),

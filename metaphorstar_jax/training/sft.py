@@ -1,6 +1,6 @@
 """One supervised step: the targets of a batch of prompts learned by cross-entropy, with gradient
 accumulation. Targets come from the records (an `sft` stage reading `sft_data`, e.g. CINEMA's
-cold start) or are built from `config.warmup` (a format-only warm start)."""
+cold start) or are built from `config.sft_targets` (a format-only warm start)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def load_sft_records(task, path: str, scratch_dir: str, seed: int) -> list:
 
 def reads_records(stage) -> bool:
   """Whether an sft stage learns its records' own targets (`sft_data`) rather than warm-start
-  targets built from config.warmup."""
+  targets built from config.sft_targets."""
   return stage.kind == "sft" and bool(stage.sft_data)
 
 
@@ -43,19 +43,19 @@ def warmup_targets(records, config, rng: random.Random,
   is the one target. Otherwise:
 
   The <think> text is filled from each record's metadata (e.g. a `{description}` placeholder);
-  the answer never comes from the record. With `warmup.every_answer` each record gets one target
-  per answer in `warmup.answers`, which teaches an even answer distribution (the most room for
-  GRPO to explore); otherwise one answer drawn uniformly. Either way the warm start teaches the
-  response format but not the task.
+  the answer never comes from the record. With `sft_targets.every_answer` each record gets one
+  target per answer in `sft_targets.answers`, which teaches an even answer distribution (the most
+  room for GRPO to explore); otherwise one answer drawn uniformly. Either way the warm start
+  teaches the response format but not the task.
   """
   if from_records:
     return [record.metadata["target"] for record in records], 1
-  answers = tuple(config.warmup.answers)
-  per_record = len(answers) if config.warmup.every_answer else 1
+  answers = tuple(config.sft_targets.answers)
+  per_record = len(answers) if config.sft_targets.every_answer else 1
   targets = []
   for record in records:
-    think = config.warmup.think.format(**record.metadata)
-    chosen = answers if config.warmup.every_answer else (rng.choice(answers),)
+    think = config.sft_targets.think.format(**record.metadata)
+    chosen = answers if config.sft_targets.every_answer else (rng.choice(answers),)
     targets += [f"<think>{think}</think><answer>{answer}</answer>" for answer in chosen]
   return targets, per_record
 

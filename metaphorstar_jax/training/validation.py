@@ -50,25 +50,20 @@ def check_numbers(config) -> None:
       _fail(field, _get(config, field), f"use one of {', '.join(DTYPES)}")
   # Unset (None) takes the preset's value or another field's (config_defaults.base_config).
   for field, low, fallback in (("rl.group_size", 1, "the RL preset's rollout.n"),
-                               ("train.gen_prompts_per_step", 1, "train.prompts_per_step")):
+                               ("train.gen_prompts_per_step", 1, "train.prompts_per_step"),
+                               ("eval.max_new_tokens", 1, "rl.max_new_tokens")):
     value = _get(config, field)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                               or value < low):
       _fail(field, value, f"use an integer ≥ {low}, or leave it unset (None) for {fallback}")
-  if config.rl.temperature is not None and config.rl.temperature < 0:
-    _fail("rl.temperature", config.rl.temperature,
-          "use a temperature ≥ 0, or leave it unset (None) for the RL preset's")
-  if config.rl.top_p is not None and not 0 < config.rl.top_p <= 1:
-    _fail("rl.top_p", config.rl.top_p,
-          "use a top-p in (0, 1], or leave it unset (None) for the RL preset's")
-  if config.eval.temperature != -1 and config.eval.temperature < 0:
-    _fail("eval.temperature", config.eval.temperature,
-          "use a temperature ≥ 0, or -1 for the RL preset's")
-  if config.eval.top_p != -1 and not 0 < config.eval.top_p <= 1:
-    _fail("eval.top_p", config.eval.top_p, "use a top-p in (0, 1], or -1 for the RL preset's")
-  if config.eval.max_new_tokens != -1 and config.eval.max_new_tokens < 1:
-    _fail("eval.max_new_tokens", config.eval.max_new_tokens,
-          "use at least 1, or -1 for rl.max_new_tokens")
+  for field in ("rl.temperature", "eval.temperature"):
+    value = _get(config, field)
+    if value is not None and value < 0:
+      _fail(field, value, "use a temperature ≥ 0, or leave it unset (None) for the RL preset's")
+  for field in ("rl.top_p", "eval.top_p"):
+    value = _get(config, field)
+    if value is not None and not 0 < value <= 1:
+      _fail(field, value, "use a top-p in (0, 1], or leave it unset (None) for the RL preset's")
   for field in JUDGE_POSITIVE:
     value = _get(config, field)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

@@ -116,6 +116,27 @@ class Qwen2_5_VL(nnx.Module):
     mask_BTS = (slot_S[None, :] <= query_slot_T[:, None])[None] & kv_valid_BS[:, None, :]
     return self.language_model(x_BTD, position_ids_3BT, mask_BTS, cache, cache_index, prefix)
 
+  def prefill(self, input_ids_BT, attention_mask_BT, pixel_values_SP=None,
+              image_grid_thw_N3=None, *, cache_dtype=None):
+    """One pass over left-aligned prompts that fills their KV cache: what decoding continues from,
+    the sampler's prefill and the trainer's prompt pass alike.
+
+    Returns:
+      hidden_BTD: decoder states; the last one predicts the first new token.
+      cache: the prompts' filled KV cache, T slots (`init_cache`, in `cache_dtype`).
+      valid_BT: True on real tokens (False on padding), the cache's valid slots.
+      next_position_B: the M-RoPE position of each prompt's first new token.
+    """
+    B, T = input_ids_BT.shape
+    position_ids_3BT, deltas_B = self.position_ids(input_ids_BT, attention_mask_BT,
+                                                   image_grid_thw_N3)
+    x_BTD = self.embed(input_ids_BT, pixel_values_SP, image_grid_thw_N3)
+    valid_BT = attention_mask_BT > 0
+    hidden_BTD, cache = self.cached_hidden_states(
+        x_BTD, position_ids_3BT, self.init_cache(B, T, cache_dtype), 0, valid_BT)
+    next_position_B = deltas_B + attention_mask_BT.sum(axis=1).astype(jnp.int32)
+    return hidden_BTD, cache, valid_BT, next_position_B
+
   def logits(self, hidden_BTD):
     """LM head over hidden states: (..., V)."""
     if self.config.tie_word_embeddings:

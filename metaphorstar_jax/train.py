@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from flax import nnx
@@ -102,11 +103,17 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
                  stage_step=0)
   results: dict[str, Any] = {"evaluations": [], "exports": []}
 
-  def run_eval(tag: str) -> dict:
-    found = evaluation.evaluate_records(
-        task, eval_records, processor, eval_sampler, run.params,
-        batch_size=config.eval.batch_size, max_prompt_tokens=config.data.max_prompt_tokens,
-        num_samples=config.eval.num_samples, seed=config.seed, judge=eval_judge)["metrics"]
+  def run_eval(tag: str) -> dict | None:
+    """The evaluation's metrics; None when a signal stopped it (between two batches)."""
+    try:
+      found = evaluation.evaluate_records(
+          task, eval_records, processor, eval_sampler, run.params,
+          batch_size=config.eval.batch_size, max_prompt_tokens=config.data.max_prompt_tokens,
+          num_samples=config.eval.num_samples, seed=config.seed, judge=eval_judge,
+          should_stop=lambda: stop.agreed(run.global_step, ckpt, after_step=False))["metrics"]
+    except evaluation.EvaluationStopped as e:
+      logging.warning("%s (%s, step %d): a stop was asked for.", e, tag, run.global_step)
+      return None
     logging.info("Evaluation (%s, step %d): %s", tag, run.global_step,
                  json.dumps({k: round(v, 4) for k, v in found.items()}))
     writer.write(run.global_step, {f"eval/{k}": v for k, v in found.items()})
@@ -163,11 +170,19 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
                                          else run_eval(f"before {stage.name}"))
 
     while run.stage_step < stage.steps:
+      # --- a signal during setup or an evaluation stops the run before another step ------------
+      if stop.agreed(run.global_step, ckpt, after_step=False):
+        stopped = True
+        if config.checkpoint.every and run.global_step and \
+            ckpt.latest_step() != run.global_step:  # evaluated off the checkpoint cadence
+          save(stream)
+        results["stopped"] = stop_run(stop, run, ckpt)
+        break
       # --- one step ----------------------------------------------------------------------------
       ckpt.check()  # a background save that failed stops the run here, naming its step
       batch = stream.next_batch()
-      if run.global_step + 1 == config.debug.signal_at_step:
-        os.kill(os.getpid(), signal.SIGTERM)  # a pre-emption in the middle of this step
+      if run.global_step + 1 == config.debug.signal_at_step and jax.process_index() == 0:
+        os.kill(os.getpid(), signal.SIGTERM)  # a pre-emption of one host, mid-step
       if stage.kind == "sft":
         step_metrics = sft.step(learner, run, batch)
       else:
@@ -180,21 +195,20 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
         results["last"] = writer.write(run.global_step, step_metrics)
       check_updates(run, config.optim.max_consecutive_nonfinite, ckpt)
 
-      # --- evaluation, checkpoint, export; or stop, when asked to ------------------------------
+      # --- checkpoint (or stop, when asked to), evaluation, export ------------------------------
       stage_done = run.stage_step == stage.steps
       stopped = stop.agreed(run.global_step, ckpt)
-      if config.eval.every and run.stage_step % config.eval.every == 0 and not stage_done \
-          and not stopped:
-        run_eval(f"{stage.name} step {run.stage_step}")
       if config.checkpoint.every and (run.stage_step % config.checkpoint.every == 0
                                       or stage_done or stopped):
-        save(stream)
+        save(stream)  # before evaluating: a pre-emption during the evaluation loses no step
         if run.global_step == config.debug.kill_after_checkpoint:
           ckpt.wait()
           os.kill(os.getpid(), signal.SIGKILL)  # simulate a pre-emption
       if stopped:
         results["stopped"] = stop_run(stop, run, ckpt)
         break
+      if config.eval.every and run.stage_step % config.eval.every == 0 and not stage_done:
+        run_eval(f"{stage.name} step {run.stage_step}")  # a stop is taken at the loop's top
       if config.export.every and (run.stage_step % config.export.every == 0 or stage_done):
         export_now()
     if stopped:
@@ -203,6 +217,9 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
         config.checkpoint.every:
       ckpt.wait()
     results[f"after {stage.name}"] = run_eval(f"after {stage.name}")
+    if results[f"after {stage.name}"] is None:  # stopped during it; the stage's end is saved
+      stopped = True
+      results["stopped"] = stop_run(stop, run, ckpt)
     stage_index += 1
 
   # --- the end ---------------------------------------------------------------------------------
@@ -227,6 +244,8 @@ def stop_run(stop: preemption.StopRequest, run: RunState, ckpt: checkpoints.Chec
   if saved:
     logging.warning("%s: stopped after step %d, saved under %s/%d; run the same command to "
                     "resume.", name, run.global_step, ckpt.directory, run.global_step)
+  elif not run.global_step:
+    logging.warning("%s: stopped before the first step; nothing to save.", name)
   else:
     logging.warning("%s: stopped after step %d without a checkpoint (checkpoint.every=0).",
                     name, run.global_step)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -58,16 +59,38 @@ def history(workdir) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one_and_their_checkpoint_opens_anywhere(tmp_path):
+def launch_two(workdir, extra=()) -> list[tuple[int, str]]:
+  """Runs a two-process job (4 CPU devices each); (return code, output) of each process."""
   port = free_port()
-  multi = tmp_path / "multi"
-  procs = [launch(multi, 4, [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                             "--config.distributed.num_processes=2",
-                             f"--config.distributed.process_id={i}"]) for i in range(2)]
-  outputs = [p.communicate(timeout=900)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-4000:]
+  procs = [launch(workdir, 4, [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                               "--config.distributed.num_processes=2",
+                               f"--config.distributed.process_id={i}", *extra])
+           for i in range(2)]
+  return [(p.returncode, out) for p, out in ((p, p.communicate(timeout=900)[0]) for p in procs)]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """An uninterrupted two-process run: its workdir and each process's output."""
+  multi = tmp_path_factory.mktemp("two_process") / "multi"
+  ended = launch_two(multi)
+  for code, out in ended:
+    assert code == 0, out[-4000:]
+  return multi, [out for _, out in ended]
+
+
+def final_params(workdir):
+  ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"), async_save=False)
+  try:
+    return ckpt.latest_step(), ckpt.restore_saved_arrays(ckpt.latest_step())["params"]
+  finally:
+    ckpt.close()
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_their_checkpoint_opens_anywhere(tmp_path,
+                                                                          two_process_run):
+  multi, outputs = two_process_run
   single = launch(tmp_path / "single", 8)
   single_out = single.communicate(timeout=900)[0]
   assert single.returncode == 0, single_out[-4000:]
@@ -86,13 +109,29 @@ def test_two_processes_train_like_one_and_their_checkpoint_opens_anywhere(tmp_pa
       if key in b:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
   # The 2-host checkpoint restores in this (differently shaped) process.
-  ckpt = checkpoints.Checkpointer(str(multi / "checkpoints"), async_save=False)
-  saved = ckpt.restore_saved_arrays(ckpt.latest_step())
-  ckpt.close()
-  reference_ckpt = checkpoints.Checkpointer(str(tmp_path / "single" / "checkpoints"),
-                                            async_save=False)
-  reference_saved = reference_ckpt.restore_saved_arrays(reference_ckpt.latest_step())
-  reference_ckpt.close()
-  assert jax.tree.structure(saved["params"]) == jax.tree.structure(reference_saved["params"])
-  for a in jax.tree.leaves(saved["params"]):
+  _, saved = final_params(multi)
+  _, reference_saved = final_params(tmp_path / "single")
+  assert jax.tree.structure(saved) == jax.tree.structure(reference_saved)
+  for a in jax.tree.leaves(saved):
     assert np.isfinite(np.asarray(a)).all()
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_host_stops_both_after_the_same_step_and_resumes_exactly(
+    tmp_path, two_process_run):
+  """Process 0 is signalled in the middle of global step 3 (off the checkpoint cadence of 2);
+  process 1 never is. Both finish step 3, save it, exit 128 + SIGTERM; rerunning resumes both
+  and ends with the uninterrupted run's parameters, bit for bit."""
+  multi, _ = two_process_run
+  workdir = tmp_path / "stopped"
+  for code, out in launch_two(workdir, ["--config.debug.signal_at_step=3"]):
+    assert code == 128 + signal.SIGTERM, out[-4000:]
+    assert "SIGTERM: stopped after step 3, saved under" in out
+  assert checkpoints.saved_steps(str(workdir / "checkpoints"))[-1] == 3
+  for code, out in launch_two(workdir):
+    assert code == 0, out[-4000:]
+  step, params = final_params(workdir)
+  expected_step, expected = final_params(multi)
+  assert step == expected_step
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

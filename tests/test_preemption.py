@@ -110,6 +110,26 @@ def test_ctrl_c_stops_the_process_cleanly_with_a_checkpoint_of_its_step(tmp_path
   assert f"SIGINT: stopped after step {last}, saved under" in stderr
 
 
+def test_a_signal_during_an_evaluation_stops_before_the_next_step(tmp_path, monkeypatch,
+                                                                  caplog):
+  """A pre-emption notice during the (possibly long) evaluation before GRPO: no further step
+  runs; the SFT step already saved is what the run stops at."""
+  evaluate_records = train.evaluation.evaluate_records
+
+  def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return evaluate_records(*args, **kwargs)
+
+  monkeypatch.setattr(train.evaluation, "evaluate_records", signalled)
+  workdir = str(tmp_path / "run")
+  results = train.train(tiny_config(workdir, "--config.checkpoint.every=5"))
+  assert results["stopped"] == {"signal": "SIGTERM", "step": 1, "saved": True,
+                                "exit_code": 128 + signal.SIGTERM}
+  assert max(history(workdir)) == 1
+  assert checkpoints.saved_steps(os.path.join(workdir, "checkpoints")) == [1]
+  assert "Evaluation stopped after 0 of" in caplog.text  # given up before its first batch
+
+
 SECOND_SIGNAL = """
 import os, signal, time
 from metaphorstar_jax.training import preemption

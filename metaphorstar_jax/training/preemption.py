@@ -62,14 +62,16 @@ class StopRequest:
     logging.warning("%s received: the step in progress finishes, is saved, and the run stops. "
                     "Send it again to stop at once.", name)
 
-  def agreed(self, step: int, checkpointer) -> bool:
+  def agreed(self, step: int, checkpointer, *, after_step: bool = True) -> bool:
     """Whether the run stops after global step `step`. With several processes this is a
-    collective: every process calls it after every step, and all get the same answer."""
+    collective: every process makes the same calls, and all get the same answer. JAX's notice
+    is asked for once per step, `after_step` (its sync points go step by step); the check
+    before a step (for a signal during setup or an evaluation) asks only about signals."""
     if jax.process_count() == 1:
       return self.signum is not None
     signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
     if self.signum is None and signums.max() > 0:  # another process was signalled
       self.signum = int(signums.max())
-    if checkpointer.reached_preemption(step) and self.signum is None:
+    if after_step and checkpointer.reached_preemption(step) and self.signum is None:
       self.signum = int(signal.SIGTERM)  # JAX's notice; Orbax saw it on every process
     return self.signum is not None

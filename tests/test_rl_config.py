@@ -22,9 +22,9 @@ def test_metaphorstar_preset_is_tfq_grpo_as_coded():
       (True, "low_var_kl", 1e-2, False)
   assert loss.entropy_coeff == 0.0 and loss.tis_cap is None
   assert not (loss.filter_groups or loss.overlong_buffer or loss.mask_truncated_completions)
-  assert (rollout.n, rollout.temperature, rollout.top_p, rollout.top_k) == (5, 1.0, 0.99, -1)
-  assert (rollout.max_prompt_length, rollout.max_response_length) == (5500, 2048)
-  assert (rollout.val_n, rollout.val_temperature) == (1, 0.5)
+  assert (rollout.n, rollout.temperature, rollout.top_p) == (5, 1.0, 0.99)
+  assert rollout.max_response_length == 2048
+  assert (rollout.val_temperature, rollout.val_top_p) == (0.5, 0.99)
   assert "MetaphorStar" in p.source
 
 
@@ -93,8 +93,8 @@ def test_bad_rollout_and_preset_values_are_refused():
     rl.RolloutConfig(temperature=0)
   with pytest.raises(ValueError, match="top_p=1.5"):
     rl.RolloutConfig(top_p=1.5)
-  with pytest.raises(ValueError, match="top_k=0"):
-    rl.RolloutConfig(top_k=0)
+  with pytest.raises(ValueError, match="max_response_length=0"):
+    rl.RolloutConfig(max_response_length=0)
   with pytest.raises(ValueError, match="Did you mean 'dapo'"):
     rl.preset("dappo")
   dapo = rl.preset("dapo")

@@ -51,8 +51,24 @@ def _from_mapping(cls, values: Mapping[str, Any]):
   return cls(**values)
 
 
+class _Knobs:
+  """What both knob classes offer: copies with changes, and plain dicts both ways."""
+
+  def replace(self, **changes):
+    """A copy with `changes` applied; unknown names are reported with the closest known one."""
+    return _from_mapping(type(self), {**dataclasses.asdict(self), **changes})
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]):
+    """Builds from a plain mapping (e.g. a `ConfigDict.to_dict()`), rejecting unknown keys."""
+    return _from_mapping(cls, values)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
+class LossConfig(_Knobs):
   """Advantage estimator, policy loss, KL, entropy, importance correction and DAPO knobs."""
 
   # --- advantages (verl `algorithm.*`) ----------------------------------------------------------
@@ -149,40 +165,26 @@ class LossConfig:
       raise ValueError(f"LossConfig.kl_horizon={self.kl_horizon} must be > 0 for the adaptive "
                        "KL controller.")
 
-  def replace(self, **changes) -> LossConfig:
-    """A copy with `changes` applied; unknown names are reported with the closest known one."""
-    return _from_mapping(LossConfig, {**dataclasses.asdict(self), **changes})
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> LossConfig:
-    """Builds from a plain mapping (e.g. a `ConfigDict.to_dict()`), rejecting unknown keys."""
-    return _from_mapping(cls, values)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class RolloutConfig:
+class RolloutConfig(_Knobs):
   """Sampling knobs the objective assumes (verl `actor_rollout_ref.rollout.*`, `data.*`).
 
-  top_k=-1 and top_p=1.0 mean no truncation, as in vLLM and verl. The validation fields are used by
-  evaluation during training (EasyR1 `val_override_config`, verl `rollout.val_kwargs`).
+  top_p=1.0 means no truncation, as in vLLM and verl (top-k is `config.rl.top_k`; every preset
+  leaves it off). The validation fields are evaluation's defaults (EasyR1 `val_override_config`,
+  verl `rollout.val_kwargs`).
   """
 
   n: int = 1  # rollout.n: completions per prompt, the group size G
   temperature: float = 1.0  # rollout.temperature
   top_p: float = 1.0  # rollout.top_p
-  top_k: int = -1  # rollout.top_k
-  max_prompt_length: int = 512  # data.max_prompt_length
   max_response_length: int = 512  # data.max_response_length
-  val_n: int = 1
   val_temperature: float = 0.0
   val_top_p: float = 1.0
 
   def __post_init__(self):
-    if self.n < 1 or self.val_n < 1:
-      raise ValueError(f"RolloutConfig.n={self.n} and val_n={self.val_n} must be >= 1.")
+    if self.n < 1:
+      raise ValueError(f"RolloutConfig.n={self.n} must be >= 1.")
     if self.temperature <= 0:
       raise ValueError(f"RolloutConfig.temperature={self.temperature} must be > 0 for training "
                        "rollouts: the loss needs the sampling distribution's log-probs.")
@@ -190,25 +192,12 @@ class RolloutConfig:
       value = getattr(self, name)
       if not 0.0 < value <= 1.0:
         raise ValueError(f"RolloutConfig.{name}={value} must lie in (0, 1].")
-    if self.top_k == 0 or self.top_k < -1:
-      raise ValueError(f"RolloutConfig.top_k={self.top_k} must be a positive count, or -1 for "
-                       "no top-k truncation.")
-    if self.max_prompt_length <= 0 or self.max_response_length <= 0:
-      raise ValueError("RolloutConfig.max_prompt_length and max_response_length must be > 0; got "
-                       f"{self.max_prompt_length} and {self.max_response_length}.")
+    if self.max_response_length <= 0:
+      raise ValueError(f"RolloutConfig.max_response_length={self.max_response_length} must be "
+                       "> 0.")
     if self.val_temperature < 0:
       raise ValueError(f"RolloutConfig.val_temperature={self.val_temperature} must be >= 0 "
                        "(0 is greedy).")
-
-  def replace(self, **changes) -> RolloutConfig:
-    return _from_mapping(RolloutConfig, {**dataclasses.asdict(self), **changes})
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> RolloutConfig:
-    return _from_mapping(cls, values)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +253,7 @@ def _dapo() -> RLPreset:
                       loss_agg_mode="token-mean", use_kl_loss=False, use_kl_in_reward=False,
                       filter_groups=True, filter_groups_metric="acc", max_num_gen_batches=10,
                       overlong_buffer=True, overlong_buffer_len=4096, overlong_penalty_factor=1.0),
-      rollout=RolloutConfig(n=16, temperature=1.0, top_p=1.0, max_prompt_length=2048,
-                            max_response_length=20480),
+      rollout=RolloutConfig(n=16, temperature=1.0, top_p=1.0, max_response_length=20480),
       source="DAPO paper arXiv 2503.14476; verl recipe/dapo/run_dapo_qwen2.5_32b.sh")
 
 
@@ -295,9 +283,8 @@ def _metaphorstar() -> RLPreset:
                       clip_ratio_c=3.0, loss_agg_mode="token-mean", use_kl_loss=True,
                       kl_loss_type="low_var_kl", kl_loss_coef=1e-2, use_kl_in_reward=False,
                       entropy_coeff=0.0),
-      rollout=RolloutConfig(n=5, temperature=1.0, top_p=0.99, top_k=-1, max_prompt_length=5500,
-                            max_response_length=2048, val_n=1, val_temperature=0.5,
-                            val_top_p=0.99),
+      rollout=RolloutConfig(n=5, temperature=1.0, top_p=0.99, max_response_length=2048,
+                            val_temperature=0.5, val_top_p=0.99),
       source="MING-ZCH/MetaphorStar train/examples/config.yaml + TFQ_GRPO launch scripts")
 
 

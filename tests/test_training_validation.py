@@ -49,7 +49,7 @@ BAD_VALUES = [
     ("stages.1.group_size", 0, r"stages\[1\]\.group_size=0.*unset"),
     ("stages.1.prompts_per_step", -1, r"stages\[1\]\.prompts_per_step=-1"),
     ("debug.signal_at_step", -1, r"debug\.signal_at_step=-1"),
-    ("plan.images_per_prompt", 0, r"plan\.images_per_prompt=0"),
+    ("plan.images_per_prompt", -1, r"plan\.images_per_prompt=-1"),
 ]
 
 

@@ -22,7 +22,7 @@ AT_LEAST = (
     ("checkpoint.every", 0), ("checkpoint.keep", 1), ("export.every", 0), ("log.every", 1),
     ("optim.max_consecutive_nonfinite", 0),
     ("checkpoint.step", -1),  # -1: the newest step that restores
-    ("plan.image_pixels", 0), ("plan.images_per_prompt", 1),
+    ("plan.image_pixels", 0), ("plan.images_per_prompt", 0),  # 0: text-only prompts
     ("debug.kill_after_checkpoint", 0), ("debug.signal_at_step", 0),
 )
 # (field, what it must be): the judge's bounds.

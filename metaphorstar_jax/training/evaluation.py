@@ -107,7 +107,6 @@ def generate(examples: Sequence[Example], processor, sampler: Sampler, params=No
   evaluation with EvaluationStopped when it returns True.
   """
   key = jax.random.key(0) if key is None else key
-  stops = set(sampler.config.stop_token_ids)
   texts: list[list[str]] = [[] for _ in range(num_samples)]
   starts = range(0, len(examples), batch_size)
   if progress:
@@ -117,13 +116,10 @@ def generate(examples: Sequence[Example], processor, sampler: Sampler, params=No
     if should_stop is not None and should_stop():
       raise EvaluationStopped(f"Evaluation stopped after {start} of {len(examples)} records.")
     chunk = examples[start:start + batch_size]
-    rollouts = sampler(collate(chunk, sampler.pad_id), group_size=num_samples, key=jax.random.fold_in(key, start),
-                       state=params)
-    tokens_BN = sharding_lib.to_host(rollouts.tokens_BN)
-    lengths_B = sharding_lib.to_host(rollouts.lengths_B)
-    for row in range(len(chunk) * num_samples):
-      ids = [int(t) for t in tokens_BN[row, :lengths_B[row]] if int(t) not in stops]
-      texts[row % num_samples].append(processor.decode(ids, skip_special_tokens=True))
+    rollouts = sampler(collate(chunk, sampler.pad_id), group_size=num_samples,
+                       key=jax.random.fold_in(key, start), state=params)
+    for row, text in enumerate(sampler.texts(processor, rollouts.tokens_BN, rollouts.lengths_B)):
+      texts[row % num_samples].append(text)
   return texts
 
 

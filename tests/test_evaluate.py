@@ -16,7 +16,7 @@ from metaphorstar_jax import evaluate, judge as judge_lib, sharding as sharding_
 from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler
 from metaphorstar_jax.tasks import get_task, load_records, write_miniature
-from metaphorstar_jax.training import builders, checkpoints, evaluation
+from metaphorstar_jax.training import builders, checkpoints, evaluation, evaluation_report
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -26,11 +26,11 @@ def config_arg(name):
 
 
 def read_outputs(folder):
-  with open(os.path.join(folder, evaluation.RESULTS_JSON)) as handle:
+  with open(os.path.join(folder, evaluation_report.RESULTS_JSON)) as handle:
     results = json.load(handle)
-  with open(os.path.join(folder, evaluation.RESULTS_MD)) as handle:
+  with open(os.path.join(folder, evaluation_report.RESULTS_MD)) as handle:
     table = handle.read()
-  with open(os.path.join(folder, evaluation.COMPLETIONS)) as handle:
+  with open(os.path.join(folder, evaluation_report.COMPLETIONS)) as handle:
     completions = [json.loads(line) for line in handle]
   return results, table, completions
 
@@ -117,7 +117,7 @@ def test_checkpoint_params_are_restored_and_evaluated(tmp_path):
 
   result = evaluate.cli(["evaluate", config_arg("tfq_grpo_tiny.py"), f"--checkpoint={run_dir}"])
   assert result["step"] == 3 and result["model"] == f"checkpoint {run_dir}"
-  assert result["paths"]["json"] == str(run_dir / "eval" / "step_3" / evaluation.RESULTS_JSON)
+  assert result["paths"]["json"] == str(run_dir / "eval" / "step_3" / evaluation_report.RESULTS_JSON)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     checkpoints.checkpoint_location(str(tmp_path / "missing"))
   with pytest.raises(ValueError, match="saved steps"):

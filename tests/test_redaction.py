@@ -13,7 +13,7 @@ from ml_collections import config_flags
 from helpers import JudgeServer
 
 from metaphorstar_jax import evaluate, judge as judge_lib, redaction, train
-from metaphorstar_jax.training import evaluation, hf_export
+from metaphorstar_jax.training import evaluation_report, hf_export
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 JUDGED_CONFIG = os.path.join(CONFIGS, "tfq_grpo_7b.py") + ":smoke"
@@ -153,7 +153,7 @@ def test_the_judge_key_is_nowhere_a_judged_run_writes(tmp_path, monkeypatch, cap
              for path, data in everything_written(folder).items()}
   for name in ("config.json", "metrics.jsonl", os.path.join("eval", "judge_cache.jsonl")):
     assert str(workdir / name) in written, name
-  for name in (evaluation.RESULTS_JSON, evaluation.RESULTS_MD, evaluation.COMPLETIONS,
+  for name in (evaluation_report.RESULTS_JSON, evaluation_report.RESULTS_MD, evaluation_report.COMPLETIONS,
                "judge_cache.jsonl"):
     assert str(eval_dir / name) in written, name
   leaks = [path for path, data in written.items() if KEY.encode() in data]

@@ -5,8 +5,7 @@ open-ended tasks), repeats and their spread, and the results written as JSON and
 evaluation calls `evaluate_records` with its own sampler, records and the config's eval settings
 (`sampling_config`, `check_repeats`, `make_judge`), so both score the same way.
 
-Writes to an output folder: results.json (metrics, their spread, per-repeat metrics, settings),
-results.md (the table) and completions.jsonl (every completion with its scores).
+The results files are `evaluation_report`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import jax
 import ml_collections
@@ -35,10 +33,10 @@ from metaphorstar_jax.sampling import Sampler, SamplingConfig
 from metaphorstar_jax.tasks import Record, Task
 from metaphorstar_jax.training import builders, checkpoints
 from metaphorstar_jax.training.checkpoints import checkpoint_location
+from metaphorstar_jax.training.evaluation_report import markdown_report, write_results
 
 SAMPLING_MODES = ("greedy", "validation")
 JUDGED_TASKS = ("tfq_osq",)  # tasks whose headline metric is an LLM judge's grade
-RESULTS_JSON, RESULTS_MD, COMPLETIONS = "results.json", "results.md", "completions.jsonl"
 
 
 # --- what to evaluate ---------------------------------------------------------------------------
@@ -346,57 +344,3 @@ def run_evaluation(config: ml_collections.ConfigDict, params=None, *,
                json.dumps({k: round(v, 4) for k, v in result["metrics"].items()}))
   result["completions"] = completions
   return result
-
-
-def _finite(value: Any) -> Any:
-  """JSON has no NaN: NaN and infinities become null, recursively."""
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, dict):
-    return {k: _finite(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_finite(v) for v in value]
-  return value
-
-
-def markdown_report(result: Mapping[str, Any]) -> str:
-  """A heading line and a | metric | value | table (mean ± std over repeats when K > 1)."""
-  sampling = result["sampling"]
-  how = ("greedy" if sampling["greedy"] else
-         f"temperature {sampling['temperature']}, top_p {sampling['top_p']}")
-  repeats = sampling["num_samples"]
-  lines = [f"## {result['task']}: {result['model']}" + (f" ({result['tag']})" if result['tag']
-                                                          else ""),
-           "",
-           f"{result['num_records']} records from {result['data']}; {how}, "
-           f"{sampling['max_new_tokens']} new tokens at most"
-           + (f"; mean ± std over {repeats} samples per record" if repeats > 1 else "") + ".",
-           ""]
-  lines += ["| metric | value |", "|---|---|"]
-  for name, value in result["metrics"].items():
-    shown = "n/a" if math.isnan(value) else f"{value:.4f}"
-    if repeats > 1 and not math.isnan(value):
-      shown += f" ± {result['metrics_std'][name]:.4f}"
-    lines.append(f"| {name} | {shown} |")
-  return "\n".join(lines) + "\n"
-
-
-def write_results(result: Mapping[str, Any], completions: Sequence[Mapping[str, Any]],
-                  output_dir: str) -> dict[str, str]:
-  """Writes results.json, results.md and completions.jsonl; returns their paths."""
-  if jax.process_index() != 0:
-    return {}
-  os.makedirs(output_dir, exist_ok=True)
-  paths = {"json": os.path.join(output_dir, RESULTS_JSON),
-           "markdown": os.path.join(output_dir, RESULTS_MD),
-           "completions": os.path.join(output_dir, COMPLETIONS)}
-  summary = {k: v for k, v in result.items() if k not in ("markdown", "completions", "paths")}
-  with open(paths["json"], "w", encoding="utf-8") as handle:
-    json.dump(_finite(summary), handle, indent=2, ensure_ascii=False, default=str)
-    handle.write("\n")
-  with open(paths["markdown"], "w", encoding="utf-8") as handle:
-    handle.write(result["markdown"])
-  with open(paths["completions"], "w", encoding="utf-8") as handle:
-    for row in completions:
-      handle.write(json.dumps(_finite(dict(row)), ensure_ascii=False, default=str) + "\n")
-  return paths

@@ -71,23 +71,23 @@ def test_bf16_compute_with_fp32_master_weights():
 
 def test_attention_after_a_shared_prefix_equals_attention_over_the_tiled_prefix():
   from metaphorstar_jax.models.qwen2_5_vl import layers
-  P, C, T, S, R, N, K, H = 3, 4, 2, 5, 6, 4, 2, 8
-  B = P * C
+  P, G, T, S, A, Q, K, H = 3, 4, 2, 5, 6, 4, 2, 8
+  B = P * G
   keys = jax.random.split(jax.random.key(0), 5)
-  q_BTNH = jax.random.normal(keys[0], (B, T, N, H))
+  q_BTQH = jax.random.normal(keys[0], (B, T, Q, H))
   k_BKSH, v_BKSH = (jax.random.normal(k, (B, K, S, H)) for k in keys[1:3])
-  prefix_k_PKRH, prefix_v_PKRH = (jax.random.normal(k, (P, K, R, H)) for k in keys[3:5])
-  prefix_mask_PR = np.ones((P, R), bool)
-  prefix_mask_PR[0, :4] = False                     # left padding
-  prefix_mask_PR[2] = False                         # a prompt with no visible key
+  prefix_k_PKAH, prefix_v_PKAH = (jax.random.normal(k, (P, K, A, H)) for k in keys[3:5])
+  prefix_mask_PA = np.ones((P, A), bool)
+  prefix_mask_PA[0, :4] = False                     # left padding
+  prefix_mask_PA[2] = False                         # a prompt with no visible key
   mask_BTS = np.tril(np.ones((T, S), bool), k=1)[None].repeat(B, 0)
-  mask_BTS[C * 2:] = False                          # ...and rows with none of their own
-  got = layers.attend_after_prefix(q_BTNH, k_BKSH, v_BKSH, jnp.asarray(mask_BTS), prefix_k_PKRH,
-                                   prefix_v_PKRH, jnp.asarray(prefix_mask_PR))
-  tile = lambda a: jnp.repeat(a, C, axis=0)
-  want = layers.attend(q_BTNH, jnp.concatenate([tile(prefix_k_PKRH), k_BKSH], axis=2),
-                       jnp.concatenate([tile(prefix_v_PKRH), v_BKSH], axis=2),
-                       jnp.concatenate([tile(jnp.asarray(prefix_mask_PR))[:, None].repeat(T, 1),
+  mask_BTS[G * 2:] = False                          # ...and rows with none of their own
+  got = layers.attend_after_prefix(q_BTQH, k_BKSH, v_BKSH, jnp.asarray(mask_BTS), prefix_k_PKAH,
+                                   prefix_v_PKAH, jnp.asarray(prefix_mask_PA))
+  tile = lambda a: jnp.repeat(a, G, axis=0)
+  want = layers.attend(q_BTQH, jnp.concatenate([tile(prefix_k_PKAH), k_BKSH], axis=2),
+                       jnp.concatenate([tile(prefix_v_PKAH), v_BKSH], axis=2),
+                       jnp.concatenate([tile(jnp.asarray(prefix_mask_PA))[:, None].repeat(T, 1),
                                         jnp.asarray(mask_BTS)], axis=2))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-  assert not np.asarray(got[C * 2:]).any()          # nothing visible: zeros, not NaN
+  assert not np.asarray(got[G * 2:]).any()          # nothing visible: zeros, not NaN

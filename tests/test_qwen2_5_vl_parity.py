@@ -157,10 +157,10 @@ def test_vision_layout_matches_transformers(window_size):
   layout = qwen2_5_vl.vision_layout(np.asarray(grids), num_patches, merge_size=2,
                                     window_cells=window_size // 28)
   np.testing.assert_array_equal(np.asarray(layout.window_index_C), window_index.numpy())
-  segments = np.asarray(layout.window_segments_S)
+  segments = np.asarray(layout.window_segments_X)
   boundaries = np.flatnonzero(np.diff(segments)) + 1
   expected = np.unique(cu_window_seqlens.numpy())[1:-1]
   np.testing.assert_array_equal(boundaries, expected)
   by_window = positions.numpy().reshape(-1, 4, 2)[window_index.numpy()].reshape(-1, 2)
-  np.testing.assert_array_equal(np.asarray(layout.rope_rows_S), by_window[:, 0])
-  np.testing.assert_array_equal(np.asarray(layout.rope_cols_S), by_window[:, 1])
+  np.testing.assert_array_equal(np.asarray(layout.rope_rows_X), by_window[:, 0])
+  np.testing.assert_array_equal(np.asarray(layout.rope_cols_X), by_window[:, 1])

@@ -68,7 +68,7 @@ def test_real_window_layouts_fit_the_block():
   grids = np.asarray([[1, 38, 52], [2, 14, 8], [1, 2, 18], [1, 64, 6]], np.int32)
   S = int(np.prod(grids, axis=1).sum())
   layout = vision_layout(grids, S, merge_size=2, window_cells=4)
-  segments = np.asarray(layout.window_segments_S)
+  segments = np.asarray(layout.window_segments_X)
   starts = np.flatnonzero(np.diff(segments, prepend=-1))
   lengths = np.diff(np.append(starts, S))
   assert len(set(segments.tolist())) == len(starts), "a window is not contiguous"

@@ -2,8 +2,8 @@
 ShapeDtypeStructs laid out as the trainer lays them out, their bytes per chip, and the images of
 the largest prompt. Nothing is allocated and no weights are read.
 
-Shape letters: P prompts, G group size, B = P·G rows, T prompt tokens, N completion tokens,
-S patches, I images.
+Shape letters (README "Shape letters"): P prompts, G group size, B = P·G rows, T prompt tokens,
+N completion tokens, X patches, I images.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ updates with gradient accumulation.
     score    old and reference log-probs when needed, in-reward KL, group advantages
     update   for each epoch and mini-batch: summed micro-batch gradients, one optimizer update
 
-Shape letters: P prompts, G group size, B rows (P·G), N completion tokens.
+Shape letters (README "Shape letters"): P prompts, G group size, B rows (P·G), N completion tokens.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Drawing a step's rollouts: G completions per prompt from the sampler (independent, or an
 entropy-branched tree), decoded to text, scored by the task and shaped by the recipe.
 
-Rows p·G … p·G+G-1 belong to prompt p. Shape letters: P prompts, G group size, B rows (P·G),
-N completion tokens, V vocabulary.
+Rows p·G … p·G+G-1 belong to prompt p. Shape letters (README "Shape letters"): P prompts,
+G group size, B rows (P·G), N completion tokens, V vocabulary.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Gradients are taken per micro-batch and summed on device; each micro-batch loss 
 the whole mini-batch's token and row counts, so the sum equals the mini-batch loss exactly.
 Parameters are arguments everywhere: nothing recompiles when they change.
 
-Shape letters: P prompts, B rows (P·G), N completion tokens, C of them scored.
+Shape letters (README "Shape letters"): P prompts, B rows (P·G), N completion tokens (inside
+`_score`, N is the scored batch's width: the first `columns` of them).
 """
 
 from __future__ import annotations
@@ -98,14 +99,14 @@ class TrainSteps:
 
   def _score(self, params, seq: SequenceBatch, columns: int, *, with_entropy: bool):
     model = nnx.merge(self.graphdef, params)
-    N = seq.completion_BN.shape[1]
+    width = seq.completion_BN.shape[1]
     scored = seq._replace(completion_BN=seq.completion_BN[:, :columns],
                           completion_mask_BN=seq.completion_mask_BN[:, :columns])
-    logprobs_BC, entropy_BC = completion_logprobs(
+    logprobs_BN, entropy_BN = completion_logprobs(
         model, scored, temperature=self.temperature, chunk_size=self.logit_chunk,
         with_entropy=with_entropy)
-    widen = lambda a_BC: jnp.pad(a_BC, ((0, 0), (0, N - columns)))
-    return widen(logprobs_BC), widen(entropy_BC)
+    widen = lambda a_BN: jnp.pad(a_BN, ((0, 0), (0, width - columns)))
+    return widen(logprobs_BN), widen(entropy_BN)
 
   def _logprobs(self, params, seq: SequenceBatch, columns: int):
     return jax.lax.stop_gradient(self._score(params, seq, columns, with_entropy=False)[0])

@@ -1,8 +1,8 @@
 """Building blocks shared by the ViT and the decoder: RMSNorm, SwiGLU, rotary helpers, attention.
 
-Shape letters: B batch, T query tokens, S key tokens, D width, N query heads, K kv heads,
-G query heads per kv head, H head dim, F rotary frequencies; for a shared prefix: P prefix rows,
-C = B / P rows sharing each, R prefix tokens.
+Shape letters (README "Shape letters"): B rows, T query tokens, S keys, D width, Q query heads,
+K kv heads, R query heads per kv head, H head dim, F rotary frequencies; for a shared prefix:
+P prefix rows (prompts), G = B / P rows sharing each, A prefix keys.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def inverse_frequencies(rotary_dim: int, theta: float):
   return 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
 
 
-def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, *, blockwise: bool | None = None):
+def attend(q_BTQH, k_BKSH, v_BKSH, mask_BTS, *, blockwise: bool | None = None):
   """Softmax attention with grouped kv heads; logits and softmax in fp32.
 
   `blockwise`: walk the keys in blocks (`blockwise_attention`) instead of forming each head's
@@ -101,66 +101,66 @@ def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, *, blockwise: bool | None = None):
   mask_BTS is True where a query may see a key. Rows with no visible key return zeros rather
   than NaN (left padding produces them).
   """
-  B, T, N, H = q_BTNH.shape
+  B, T, Q, H = q_BTQH.shape
   K = k_BKSH.shape[1]
   if blockwise if blockwise is not None else _blockwise(T, k_BKSH.shape[2]):
-    out_BTNH, _ = blockwise_attention.attention_with_lse(q_BTNH, k_BKSH, v_BKSH, mask_BTS,
+    out_BTQH, _ = blockwise_attention.attention_with_lse(q_BTQH, k_BKSH, v_BKSH, mask_BTS,
                                                          ATTENTION_BLOCK)
-    return out_BTNH.astype(v_BKSH.dtype)
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  logits_BKGTS = jnp.einsum("btkgh,bksh->bkgts", q_BTKGH, k_BKSH,
+    return out_BTQH.astype(v_BKSH.dtype)
+  q_BTKRH = q_BTQH.reshape(B, T, K, Q // K, H)
+  logits_BKRTS = jnp.einsum("btkrh,bksh->bkrts", q_BTKRH, k_BKSH,
                             preferred_element_type=jnp.float32) * (H ** -0.5)
   mask_B11TS = mask_BTS[:, None, None]
-  logits_BKGTS = jnp.where(mask_B11TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-  probs_BKGTS = jnp.where(mask_B11TS, probs_BKGTS, 0.0).astype(v_BKSH.dtype)
+  logits_BKRTS = jnp.where(mask_B11TS, logits_BKRTS, jnp.finfo(jnp.float32).min)
+  probs_BKRTS = jax.nn.softmax(logits_BKRTS, axis=-1)
+  probs_BKRTS = jnp.where(mask_B11TS, probs_BKRTS, 0.0).astype(v_BKSH.dtype)
   # Heads-major output keeps this a plain batched matmul; the transpose after it is small.
-  out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH)
-  return jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).reshape(B, T, N, H)
+  out_BKRTH = jnp.einsum("bkrts,bksh->bkrth", probs_BKRTS, v_BKSH)
+  return jnp.transpose(out_BKRTH, (0, 3, 1, 2, 4)).reshape(B, T, Q, H)
 
 
-def attend_after_prefix(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix_k_PKRH, prefix_v_PKRH,
-                        prefix_mask_PR):
-  """`attend` over [prefix keys ; own keys], each prefix row shared by C = B / P adjacent rows.
+def attend_after_prefix(q_BTQH, k_BKSH, v_BKSH, mask_BTS, prefix_k_PKAH, prefix_v_PKAH,
+                        prefix_mask_PA):
+  """`attend` over [prefix keys ; own keys], each prefix row shared by G = B / P adjacent rows.
 
-  Matches `attend` on the prefix tiled C times and put before the own keys, up to rounding (the
+  Matches `attend` on the prefix tiled G times and put before the own keys, up to rounding (the
   softmax is split in two with a shared max and sum), without reading each shared prompt's keys
-  C times: in group sampling that read was most of attention's cost.
+  G times: in group sampling that read was most of attention's cost.
   """
-  B, T, N, H = q_BTNH.shape
-  P, K, R, _ = prefix_k_PKRH.shape
-  C, G = B // P, N // K
-  if _blockwise(T, R + k_BKSH.shape[2]):
-    own = blockwise_attention.attention_with_lse(q_BTNH, k_BKSH, v_BKSH, mask_BTS,
+  B, T, Q, H = q_BTQH.shape
+  P, K, A, _ = prefix_k_PKAH.shape
+  G, R = B // P, Q // K
+  if _blockwise(T, A + k_BKSH.shape[2]):
+    own = blockwise_attention.attention_with_lse(q_BTQH, k_BKSH, v_BKSH, mask_BTS,
                                                  ATTENTION_BLOCK)
-    # The C rows that share a prefix row query it together, as one row of C·T queries.
+    # The G rows that share a prefix row query it together, as one row of G·T queries.
     shared_out, shared_lse = blockwise_attention.attention_with_lse(
-        q_BTNH.reshape(P, C * T, N, H), prefix_k_PKRH, prefix_v_PKRH, prefix_mask_PR[:, None],
+        q_BTQH.reshape(P, G * T, Q, H), prefix_k_PKAH, prefix_v_PKAH, prefix_mask_PA[:, None],
         ATTENTION_BLOCK)
-    out_BTNH, _ = blockwise_attention.merge(*own, shared_out.reshape(B, T, N, H),
-                                            shared_lse.reshape(B, T, N))
-    return out_BTNH.astype(v_BKSH.dtype)
+    out_BTQH, _ = blockwise_attention.merge(*own, shared_out.reshape(B, T, Q, H),
+                                            shared_lse.reshape(B, T, Q))
+    return out_BTQH.astype(v_BKSH.dtype)
   lowest = jnp.finfo(jnp.float32).min
-  q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
-  own_BKGTS = jnp.einsum("btkgh,bksh->bkgts", q_BTKGH, k_BKSH,
+  q_BTKRH = q_BTQH.reshape(B, T, K, R, H)
+  own_BKRTS = jnp.einsum("btkrh,bksh->bkrts", q_BTKRH, k_BKSH,
                          preferred_element_type=jnp.float32) * (H ** -0.5)
-  shared_PKCGTR = jnp.einsum("pctkgh,pkrh->pkcgtr", q_BTKGH.reshape(P, C, T, K, G, H),
-                             prefix_k_PKRH, preferred_element_type=jnp.float32) * (H ** -0.5)
+  shared_PKGRTA = jnp.einsum("pgtkrh,pkah->pkgrta", q_BTKRH.reshape(P, G, T, K, R, H),
+                             prefix_k_PKAH, preferred_element_type=jnp.float32) * (H ** -0.5)
   own_mask_B11TS = mask_BTS[:, None, None]
-  shared_mask_P1111R = prefix_mask_PR[:, None, None, None, None, :]
-  own_BKGTS = jnp.where(own_mask_B11TS, own_BKGTS, lowest)
-  shared_PKCGTR = jnp.where(shared_mask_P1111R, shared_PKCGTR, lowest)
-  to_rows = lambda a_PKCGT_: jnp.swapaxes(a_PKCGT_, 1, 2).reshape(B, K, G, T, *a_PKCGT_.shape[5:])
-  to_prefix = lambda a_BKGT: jnp.swapaxes(a_BKGT.reshape(P, C, K, G, T), 1, 2)
-  max_BKGT = jnp.maximum(own_BKGTS.max(axis=-1), to_rows(shared_PKCGTR.max(axis=-1)))
-  own_BKGTS = jnp.where(own_mask_B11TS, jnp.exp(own_BKGTS - max_BKGT[..., None]), 0.0)
-  shared_PKCGTR = jnp.where(shared_mask_P1111R,
-                            jnp.exp(shared_PKCGTR - to_prefix(max_BKGT)[..., None]), 0.0)
-  sum_BKGT = own_BKGTS.sum(axis=-1) + to_rows(shared_PKCGTR.sum(axis=-1))
+  shared_mask_P1111A = prefix_mask_PA[:, None, None, None, None, :]
+  own_BKRTS = jnp.where(own_mask_B11TS, own_BKRTS, lowest)
+  shared_PKGRTA = jnp.where(shared_mask_P1111A, shared_PKGRTA, lowest)
+  to_rows = lambda a_PKGRT_: jnp.swapaxes(a_PKGRT_, 1, 2).reshape(B, K, R, T, *a_PKGRT_.shape[5:])
+  to_prefix = lambda a_BKRT: jnp.swapaxes(a_BKRT.reshape(P, G, K, R, T), 1, 2)
+  max_BKRT = jnp.maximum(own_BKRTS.max(axis=-1), to_rows(shared_PKGRTA.max(axis=-1)))
+  own_BKRTS = jnp.where(own_mask_B11TS, jnp.exp(own_BKRTS - max_BKRT[..., None]), 0.0)
+  shared_PKGRTA = jnp.where(shared_mask_P1111A,
+                            jnp.exp(shared_PKGRTA - to_prefix(max_BKRT)[..., None]), 0.0)
+  sum_BKRT = own_BKRTS.sum(axis=-1) + to_rows(shared_PKGRTA.sum(axis=-1))
   # Rows with no visible key keep zero probabilities (and output), as in `attend`.
-  sum_BKGT = jnp.where(sum_BKGT > 0, sum_BKGT, 1.0)
-  own_BKGTS = (own_BKGTS / sum_BKGT[..., None]).astype(v_BKSH.dtype)
-  shared_PKCGTR = (shared_PKCGTR / to_prefix(sum_BKGT)[..., None]).astype(v_BKSH.dtype)
-  out_BKGTH = (jnp.einsum("bkgts,bksh->bkgth", own_BKGTS, v_BKSH)
-               + to_rows(jnp.einsum("pkcgtr,pkrh->pkcgth", shared_PKCGTR, prefix_v_PKRH)))
-  return jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).reshape(B, T, N, H)
+  sum_BKRT = jnp.where(sum_BKRT > 0, sum_BKRT, 1.0)
+  own_BKRTS = (own_BKRTS / sum_BKRT[..., None]).astype(v_BKSH.dtype)
+  shared_PKGRTA = (shared_PKGRTA / to_prefix(sum_BKRT)[..., None]).astype(v_BKSH.dtype)
+  out_BKRTH = (jnp.einsum("bkrts,bksh->bkrth", own_BKRTS, v_BKSH)
+               + to_rows(jnp.einsum("pkgrta,pkah->pkgrth", shared_PKGRTA, prefix_v_PKAH)))
+  return jnp.transpose(out_BKRTH, (0, 3, 1, 2, 4)).reshape(B, T, Q, H)

@@ -1,6 +1,8 @@
 """Qwen2.5-VL for conditional generation: ViT features scattered into the decoder's embeddings.
 
-Shape letters: B batch, T tokens, D width, V vocab, S patches, P patch length, N images, C features.
+Shape letters (README "Shape letters"): B rows, T tokens, S keys, D width, V vocabulary,
+X patches, Y values per patch, I images, C merged cells (image features); P prefix rows,
+A prefix keys.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ def scatter_image_features(embeds_BTD, input_ids_BT, features_CD, image_token_id
   return jnp.where(is_image_BT[..., None], gathered_BTD, embeds_BTD)
 
 
-def check_image_tokens(input_ids_BT, image_grid_thw_N3, merge_size: int, image_token_id: int):
+def check_image_tokens(input_ids_BT, image_grid_thw_I3, merge_size: int, image_token_id: int):
   """Raises when the prompt's image-pad count disagrees with the images' feature count."""
-  if not (_is_concrete(input_ids_BT) and _is_concrete(image_grid_thw_N3)):
+  if not (_is_concrete(input_ids_BT) and _is_concrete(image_grid_thw_I3)):
     return  # traced: shapes were fixed by the caller, nothing to check here
-  grid = np.asarray(image_grid_thw_N3).reshape(-1, 3)
+  grid = np.asarray(image_grid_thw_I3).reshape(-1, 3)
   expected = int((grid.prod(axis=1) // merge_size ** 2).sum())
   found = int((np.asarray(input_ids_BT) == image_token_id).sum())
   if found != expected:
@@ -58,32 +60,32 @@ class Qwen2_5_VL(nnx.Module):
                                 dtype=config.compute_dtype, param_dtype=config.weights_dtype,
                                 rngs=rngs)
 
-  def position_ids(self, input_ids_BT, attention_mask_BT=None, image_grid_thw_N3=None):
+  def position_ids(self, input_ids_BT, attention_mask_BT=None, image_grid_thw_I3=None):
     """3-D M-RoPE ids (3, B, T) and rope deltas (B,), see `positions.rope_index`."""
-    return rope_index(input_ids_BT, attention_mask_BT, image_grid_thw_N3,
+    return rope_index(input_ids_BT, attention_mask_BT, image_grid_thw_I3,
                       image_token_id=self.config.image_token_id,
                       merge_size=self.config.vision.spatial_merge_size)
 
-  def embed(self, input_ids_BT, pixel_values_SP=None, image_grid_thw_N3=None, vision_layout=None):
+  def embed(self, input_ids_BT, pixel_values_XY=None, image_grid_thw_I3=None, vision_layout=None):
     """Token embeddings with image features in place of the image-pad tokens: (B, T, D)."""
     embeds_BTD = self.language_model.embed_tokens(input_ids_BT)
-    if pixel_values_SP is None or pixel_values_SP.shape[0] == 0:
+    if pixel_values_XY is None or pixel_values_XY.shape[0] == 0:
       return embeds_BTD
-    check_image_tokens(input_ids_BT, image_grid_thw_N3, self.config.vision.spatial_merge_size,
+    check_image_tokens(input_ids_BT, image_grid_thw_I3, self.config.vision.spatial_merge_size,
                        self.config.image_token_id)
-    features_CD = self.visual(pixel_values_SP, image_grid_thw_N3, layout=vision_layout)
+    features_CD = self.visual(pixel_values_XY, image_grid_thw_I3, layout=vision_layout)
     return scatter_image_features(embeds_BTD, input_ids_BT, features_CD,
                                   self.config.image_token_id)
 
-  def hidden_states(self, input_ids_BT, attention_mask_BT=None, pixel_values_SP=None,
-                    image_grid_thw_N3=None, position_ids_3BT=None, vision_layout=None):
+  def hidden_states(self, input_ids_BT, attention_mask_BT=None, pixel_values_XY=None,
+                    image_grid_thw_I3=None, position_ids_3BT=None, vision_layout=None):
     """Final-normed decoder states (B, T, D) for a full (non-cached) forward pass."""
     B, T = input_ids_BT.shape
     if attention_mask_BT is None:
       attention_mask_BT = jnp.ones((B, T), jnp.int32)
     if position_ids_3BT is None:
-      position_ids_3BT, _ = self.position_ids(input_ids_BT, attention_mask_BT, image_grid_thw_N3)
-    x_BTD = self.embed(input_ids_BT, pixel_values_SP, image_grid_thw_N3, vision_layout)
+      position_ids_3BT, _ = self.position_ids(input_ids_BT, attention_mask_BT, image_grid_thw_I3)
+    x_BTD = self.embed(input_ids_BT, pixel_values_XY, image_grid_thw_I3, vision_layout)
     causal_TT = jnp.tril(jnp.ones((T, T), bool))
     mask_BTS = causal_TT[None] & (jnp.asarray(attention_mask_BT) > 0)[:, None, :]
     hidden_BTD, _ = self.language_model(x_BTD, position_ids_3BT, mask_BTS)
@@ -103,7 +105,7 @@ class Qwen2_5_VL(nnx.Module):
       cache: from `init_cache`; its length S bounds prompt plus completion.
       cache_index: slot of the first new token (a scalar, the same for every row).
       kv_valid_BS: True for cache slots holding real tokens (False for left padding).
-      prefix: optional (prefix_cache, prefix_valid_PR): the filled cache of P earlier sequences
+      prefix: optional (prefix_cache, prefix_valid_PA): the filled cache of P earlier sequences
         (e.g. prompts), each shared by B / P adjacent rows and attended before `cache`, so a
         group of completions reads its prompt's keys once instead of from G tiled copies.
 
@@ -116,8 +118,8 @@ class Qwen2_5_VL(nnx.Module):
     mask_BTS = (slot_S[None, :] <= query_slot_T[:, None])[None] & kv_valid_BS[:, None, :]
     return self.language_model(x_BTD, position_ids_3BT, mask_BTS, cache, cache_index, prefix)
 
-  def prefill(self, input_ids_BT, attention_mask_BT, pixel_values_SP=None,
-              image_grid_thw_N3=None, *, cache_dtype=None):
+  def prefill(self, input_ids_BT, attention_mask_BT, pixel_values_XY=None,
+              image_grid_thw_I3=None, *, cache_dtype=None):
     """One pass over left-aligned prompts that fills their KV cache: what decoding continues from,
     the sampler's prefill and the trainer's prompt pass alike.
 
@@ -129,8 +131,8 @@ class Qwen2_5_VL(nnx.Module):
     """
     B, T = input_ids_BT.shape
     position_ids_3BT, deltas_B = self.position_ids(input_ids_BT, attention_mask_BT,
-                                                   image_grid_thw_N3)
-    x_BTD = self.embed(input_ids_BT, pixel_values_SP, image_grid_thw_N3)
+                                                   image_grid_thw_I3)
+    x_BTD = self.embed(input_ids_BT, pixel_values_XY, image_grid_thw_I3)
     valid_BT = attention_mask_BT > 0
     hidden_BTD, cache = self.cached_hidden_states(
         x_BTD, position_ids_3BT, self.init_cache(B, T, cache_dtype), 0, valid_BT)
@@ -150,8 +152,8 @@ class Qwen2_5_VL(nnx.Module):
     Args:
       input_ids: (B, T) token ids, image pads already expanded by the processor.
       attention_mask: (B, T), 1 for real tokens; left or right padding.
-      pixel_values: (S, P) patches of all images in the batch, in order of appearance.
-      image_grid_thw: (N, 3) one (t, h, w) per image.
+      pixel_values: (X, Y) patches of all images in the batch, in order of appearance.
+      image_grid_thw: (I, 3) one (t, h, w) per image.
       position_ids: optional (3, B, T) M-RoPE ids; computed from the inputs when absent.
       vision_layout: optional precomputed `positions.VisionLayout` for the images.
     """

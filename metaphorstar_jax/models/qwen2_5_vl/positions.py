@@ -1,9 +1,10 @@
 """Index arithmetic of Qwen2.5-VL as pure jnp functions: 3-D M-RoPE ids and the ViT window layout.
 
 Both are computed from `image_grid_thw` with static shapes only, so they run inside `jax.jit` with
-the grid as a traced array; the number of patches S and of tokens T are the only static sizes.
+the grid as a traced array; the number of patches X and of tokens T are the only static sizes.
 
-Shape letters: B batch, T tokens, N images, S patches, C merged cells (S / merge²).
+Shape letters (README "Shape letters"): B rows, T tokens, I images, X patches, C merged cells
+(X / merge²).
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ class _GridItems(NamedTuple):
   last_of_image: jnp.ndarray  # True on the image's final element
 
 
-def _locate_cells(global_index, grid_thw_N3, merge_size):
+def _locate_cells(global_index, grid_thw_I3, merge_size):
   """Maps indices into the concatenation of all images' merged cells to their grid coordinates."""
-  t, h, w = (grid_thw_N3[:, i].astype(jnp.int32) for i in range(3))
+  t, h, w = (grid_thw_I3[:, i].astype(jnp.int32) for i in range(3))
   lh, lw = h // merge_size, w // merge_size
   cells = t * lh * lw
   ends = jnp.cumsum(cells)
   image = jnp.searchsorted(ends, global_index, side="right")
-  image = jnp.clip(image, 0, grid_thw_N3.shape[0] - 1)
+  image = jnp.clip(image, 0, grid_thw_I3.shape[0] - 1)
   local = global_index - (ends - cells)[image]
   frame_cells = (lh * lw)[image]
   in_frame = local % frame_cells
@@ -42,7 +43,7 @@ def _locate_cells(global_index, grid_thw_N3, merge_size):
                     col=in_frame % lw[image], last_of_image=local == cells[image] - 1)
 
 
-def rope_index(input_ids_BT, attention_mask_BT, image_grid_thw_N3, *, image_token_id,
+def rope_index(input_ids_BT, attention_mask_BT, image_grid_thw_I3, *, image_token_id,
                merge_size):
   """3-D (temporal, height, width) position ids of transformers' `get_rope_index`, for images.
 
@@ -53,7 +54,7 @@ def rope_index(input_ids_BT, attention_mask_BT, image_grid_thw_N3, *, image_toke
   Args:
     input_ids_BT: token ids.
     attention_mask_BT: 1 for real tokens, 0 for padding (either side).
-    image_grid_thw_N3: one (t, h, w) row per image in batch-row-major order, or None.
+    image_grid_thw_I3: one (t, h, w) row per image in batch-row-major order, or None.
     image_token_id: id of `<|image_pad|>`.
     merge_size: spatial merge size of the ViT (2).
 
@@ -69,8 +70,8 @@ def rope_index(input_ids_BT, attention_mask_BT, image_grid_thw_N3, *, image_toke
   is_image_BT = (input_ids_BT == image_token_id) & valid_BT
   step_BT = valid_BT.astype(jnp.int32)
   row_BT = col_BT = frame_BT = jnp.zeros((B, T), jnp.int32)
-  if image_grid_thw_N3 is not None and image_grid_thw_N3.shape[0] > 0:
-    grid = jnp.asarray(image_grid_thw_N3)
+  if image_grid_thw_I3 is not None and image_grid_thw_I3.shape[0] > 0:
+    grid = jnp.asarray(image_grid_thw_I3)
     # Image tokens are numbered across the batch in row-major order, like masked_scatter.
     flat_index = jnp.cumsum(is_image_BT.reshape(-1)) - 1
     items = _locate_cells(flat_index.reshape(B, T), grid, merge_size)
@@ -104,32 +105,32 @@ class VisionLayout(NamedTuple):
 
   window_index_C: merged cells in window order (a permutation of range(C)).
   reverse_index_C: its inverse, restoring raster order after the merger.
-  rope_rows_S, rope_cols_S: patch row/column within its frame, in window order.
-  window_segments_S: id of the attention window of each patch, in window order.
-  frame_segments_S: id of the frame of each patch (full-attention blocks), in window order.
+  rope_rows_X, rope_cols_X: patch row/column within its frame, in window order.
+  window_segments_X: id of the attention window of each patch, in window order.
+  frame_segments_X: id of the frame of each patch (full-attention blocks), in window order.
   """
 
   window_index_C: jnp.ndarray
   reverse_index_C: jnp.ndarray
-  rope_rows_S: jnp.ndarray
-  rope_cols_S: jnp.ndarray
-  window_segments_S: jnp.ndarray
-  frame_segments_S: jnp.ndarray
+  rope_rows_X: jnp.ndarray
+  rope_cols_X: jnp.ndarray
+  window_segments_X: jnp.ndarray
+  frame_segments_X: jnp.ndarray
 
 
-def vision_layout(image_grid_thw_N3, num_patches, *, merge_size, window_cells):
+def vision_layout(image_grid_thw_I3, num_patches, *, merge_size, window_cells):
   """Window permutation, attention segments and rope positions for a packed batch of images.
 
   Args:
-    image_grid_thw_N3: (t, h, w) per image in patches, before merging.
-    num_patches: S, the number of rows of `pixel_values` (static).
+    image_grid_thw_I3: (t, h, w) per image in patches, before merging.
+    num_patches: X, the number of rows of `pixel_values` (static).
     merge_size: spatial merge size (2).
     window_cells: window side in merged cells (window_size / merge_size / patch_size = 4).
 
   Returns:
     VisionLayout.
   """
-  grid = jnp.asarray(image_grid_thw_N3).astype(jnp.int32)
+  grid = jnp.asarray(image_grid_thw_I3).astype(jnp.int32)
   unit = merge_size * merge_size
   num_cells = num_patches // unit
   items = _locate_cells(jnp.arange(num_cells), grid, merge_size)
@@ -155,8 +156,8 @@ def vision_layout(image_grid_thw_N3, num_patches, *, merge_size, window_cells):
   return VisionLayout(
       window_index_C=window_index,
       reverse_index_C=reverse_index,
-      rope_rows_S=rows.reshape(-1),
-      rope_cols_S=cols.reshape(-1),
-      window_segments_S=per_patch(window_of_cell),
-      frame_segments_S=per_patch(frame_offset[img] + items.frame),
+      rope_rows_X=rows.reshape(-1),
+      rope_cols_X=cols.reshape(-1),
+      window_segments_X=per_patch(window_of_cell),
+      frame_segments_X=per_patch(frame_offset[img] + items.frame),
   )

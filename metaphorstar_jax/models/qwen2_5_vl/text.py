@@ -1,6 +1,7 @@
 """The Qwen2 decoder of Qwen2.5-VL: GQA with q/k/v biases, RMSNorm, SwiGLU, M-RoPE.
 
-Shape letters: B batch, T tokens, D width, N query heads, K kv heads, H head dim, F = H / 2.
+Shape letters (README "Shape letters"): B rows, T tokens, S keys, D width, Q query heads,
+K kv heads, H head dim, F = H / 2; for a shared prefix: P prefix rows, A prefix keys.
 """
 
 from __future__ import annotations
@@ -46,32 +47,33 @@ class Attention(nnx.Module):
                prefix=None):
     """Self-attention; with `cache` ({'k','v'}: (B, K, S, H)) the new keys and values are written
     at `cache_index` and the queries attend over the whole cache (mask_BTS then spans it).
-    With `prefix` (({'k','v'}: (P, K, R, H)), mask_PR) they first attend over a read-only prefix
+    With `prefix` (({'k','v'}: (P, K, A, H)), mask_PA) they first attend over a read-only prefix
     shared by each run of B / P rows (see `layers.attend_after_prefix`).
 
     Returns the output (B, T, D) and the updated cache (None without one).
     """
     B, T, _ = x_BTD.shape
-    q_BTNH = self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim)
+    q_BTQH = self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim)
     k_BTKH = self.k_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
     v_BTKH = self.v_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
     cos, sin = cos_BTH[:, :, None], sin_BTH[:, :, None]
-    q_BTNH = layers.apply_rotary(q_BTNH, cos, sin).astype(q_BTNH.dtype)
+    q_BTQH = layers.apply_rotary(q_BTQH, cos, sin).astype(q_BTQH.dtype)
     k_BKTH = jnp.swapaxes(layers.apply_rotary(k_BTKH, cos, sin).astype(k_BTKH.dtype), 1, 2)
     v_BKTH = jnp.swapaxes(v_BTKH, 1, 2)
+    k_BKSH, v_BKSH = k_BKTH, v_BKTH  # the keys attended: these alone, or the whole cache
     if cache is not None:
       write = lambda a_BKSH, new_BKTH: jax.lax.dynamic_update_slice(
           a_BKSH, new_BKTH.astype(a_BKSH.dtype), (0, 0, cache_index, 0))
       cache = {"k": write(cache["k"], k_BKTH), "v": write(cache["v"], v_BKTH)}
-      k_BKTH, v_BKTH = cache["k"].astype(q_BTNH.dtype), cache["v"].astype(q_BTNH.dtype)
+      k_BKSH, v_BKSH = cache["k"].astype(q_BTQH.dtype), cache["v"].astype(q_BTQH.dtype)
     if prefix is None:
-      out_BTNH = layers.attend(q_BTNH, k_BKTH, v_BKTH, mask_BTS)
+      out_BTQH = layers.attend(q_BTQH, k_BKSH, v_BKSH, mask_BTS)
     else:
-      shared, shared_mask_PR = prefix
-      out_BTNH = layers.attend_after_prefix(q_BTNH, k_BKTH, v_BKTH, mask_BTS,
-                                            shared["k"].astype(q_BTNH.dtype),
-                                            shared["v"].astype(q_BTNH.dtype), shared_mask_PR)
-    return self.o_proj(out_BTNH.reshape(B, T, -1)), cache
+      shared, shared_mask_PA = prefix
+      out_BTQH = layers.attend_after_prefix(q_BTQH, k_BKSH, v_BKSH, mask_BTS,
+                                            shared["k"].astype(q_BTQH.dtype),
+                                            shared["v"].astype(q_BTQH.dtype), shared_mask_PA)
+    return self.o_proj(out_BTQH.reshape(B, T, -1)), cache
 
 
 class DecoderLayer(nnx.Module):
@@ -116,7 +118,7 @@ class TextModel(nnx.Module):
       position_ids_3BT: M-RoPE ids.
       mask_BTS: True where query t may attend key s (S = T without a cache, the cache length with).
       cache: optional per-layer KV cache from `init_cache`, written at `cache_index`.
-      prefix: optional (per-layer cache of P rows, mask_PR): keys all rows attend before their
+      prefix: optional (per-layer cache of P rows, mask_PA): keys all rows attend before their
         own, each prefix row shared by B / P adjacent rows; read, never written.
 
     Returns:

@@ -41,10 +41,16 @@ STAGE_FIELDS = {
 }
 
 
+def closest_name(name: str, known) -> str | None:
+  """The known name closest to `name`, or None when none is close."""
+  close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.5)
+  return close[0] if close else None
+
+
 def closest_name_hint(name: str, known) -> str:
   """' (did you mean "group_size"?)' for the known name closest to `name`, or ''."""
-  close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.5)
-  return f" (did you mean {close[0]!r}?)" if close else ""
+  close = closest_name(name, known)
+  return f" (did you mean {close!r}?)" if close else ""
 
 
 def stage(name: str, *, kind: str, steps: int, learning_rate: float,

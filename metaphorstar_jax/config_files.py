@@ -113,10 +113,8 @@ def unknown_field_error(config: ml_collections.ConfigDict, path: str) -> str | N
               f"{config_defaults.closest_name_hint(part, valid)}; its keys are {what}.")
     if not keys:
       return f"config.{where} is {node!r}, which has no fields."
-    hint = config_defaults.closest_name_hint(part, keys)
-    if hint:
-      close = hint[len(" (did you mean '"):-len("'?)")]
-      hint = f" (did you mean {_path_text((*parts[:depth], close))!r}?)"
+    close = config_defaults.closest_name(part, keys)
+    hint = f" (did you mean {_path_text((*parts[:depth], close))!r}?)" if close else ""
     return (f"config has no field {_path_text(parts[:depth + 1])!r}{hint}; "
             f"config{'.' + where if where else ''} has {', '.join(map(str, keys))}.")
   return None

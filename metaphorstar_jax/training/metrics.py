@@ -112,8 +112,8 @@ class MetricsWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     repair_history(self.history_path, resume_step)
-    self._use_tensorboard = use_tensorboard
-    self._open_tensorboard(resume_step)
+    if use_tensorboard:
+      self._open_tensorboard(resume_step)
     if wandb_project:
       try:
         import wandb
@@ -127,10 +127,9 @@ class MetricsWriter:
       self._bar = tqdm(total=total_steps, dynamic_ncols=True, desc="train")
 
   def _open_tensorboard(self, resume_step: int | None) -> None:
-    if self._use_tensorboard:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"),
-                               purge_step=purge_step(resume_step))
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"),
+                             purge_step=purge_step(resume_step))
 
   def rewind(self, resume_step: int) -> None:
     """The run restored an older step than the writer was opened for (the newer ones did not

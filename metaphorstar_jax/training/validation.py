@@ -36,6 +36,11 @@ def _get(config, path: str):
   return value
 
 
+def _is_count(value, low: int) -> bool:
+  """Whether `value` is an integer (not a bool) of at least `low`."""
+  return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def _fail(field: str, value, wanted: str) -> None:
   raise ValueError(f"config.{field}={value!r}: {wanted}.")
 
@@ -43,7 +48,7 @@ def _fail(field: str, value, wanted: str) -> None:
 def check_numbers(config) -> None:
   for field, low in AT_LEAST:
     value = _get(config, field)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    if not _is_count(value, low):
       _fail(field, value, f"must be an integer ≥ {low}")
   for field in ("model.dtype", "model.param_dtype"):
     if _get(config, field) not in DTYPES:
@@ -53,8 +58,7 @@ def check_numbers(config) -> None:
                                ("train.gen_prompts_per_step", 1, "train.prompts_per_step"),
                                ("eval.max_new_tokens", 1, "rl.max_new_tokens")):
     value = _get(config, field)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                              or value < low):
+    if value is not None and not _is_count(value, low):
       _fail(field, value, f"use an integer ≥ {low}, or leave it unset (None) for {fallback}")
   for field in ("rl.temperature", "eval.temperature"):
     value = _get(config, field)
@@ -89,7 +93,7 @@ def check_stage(config, index: int) -> None:
     _fail(f"{name}.learning_rate", stage.learning_rate, "must be ≥ 0")
   for field in ("group_size", "prompts_per_step", "gen_prompts_per_step"):
     value = stage[field]
-    if value is not None and (not isinstance(value, int) or value < 1):
+    if value is not None and not _is_count(value, 1):
       _fail(f"{name}.{field}", value, "use an integer ≥ 1, or leave it unset (None) for the "
             "run-wide value")
   if stage.kind == "sft" and stage.sft_data is None:

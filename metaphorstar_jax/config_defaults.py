@@ -318,11 +318,13 @@ def field_value(config, path: str):
   return value
 
 
-def check_dict_keys(config) -> None:
+def check_dict_keys(config, paths=None) -> None:
   """ValueError for a key of a dict-valued field (rl.overrides, rl.tree_rollout, the task
-  options, a stage's rl_overrides and tree_rollout) outside that field's schema, naming the
-  closest valid key."""
+  options, a stage's rl_overrides and tree_rollout; only those in `paths` when given) outside
+  that field's schema, naming the closest valid key."""
   for path, (what, valid) in dict_field_schemas(config).items():
+    if paths is not None and path not in paths:
+      continue
     for key in field_value(config, path) or {}:
       if key not in valid:
         raise ValueError(f"config.{path} has no key {key!r}{closest_name_hint(key, valid)}: its "

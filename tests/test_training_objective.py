@@ -40,7 +40,9 @@ def test_a_tree_rollout_sets_the_group_size_and_must_agree_with_a_set_one():
     objective_lib.build_objective(config)
   config.rl.group_size = None
   config.rl.tree_rollout = {"num_root": 2}
-  with pytest.raises(ValueError, match="rl.tree_rollout has no field 'num_root'.*'num_roots'"):
+  with pytest.raises(ValueError, match="config.rl.tree_rollout has no key 'num_root' "
+                                       "\\(did you mean 'num_roots'\\?\\): its keys are "
+                                       "rl.TreeRollout fields"):
     objective_lib.build_objective(config)
 
 

@@ -33,12 +33,7 @@ def build_objective(config) -> Objective:
   group_size = int(pick(config.rl.group_size, recipe.rollout.n))
   tree = None
   if config.rl.tree_rollout:
-    tree_fields = [f.name for f in dataclasses.fields(rl.TreeRollout)]
-    for key in config.rl.tree_rollout:
-      if key not in tree_fields:
-        raise ValueError(f"rl.tree_rollout has no field {key!r}"
-                         f"{config_defaults.closest_name_hint(key, tree_fields)}; its fields are "
-                         f"{', '.join(tree_fields)}.")
+    config_defaults.check_dict_keys(config, paths=("rl.tree_rollout",))
     tree = rl.TreeRollout(**dict(config.rl.tree_rollout))
     if config.rl.group_size is not None and group_size != tree.group_size:
       raise ValueError(f"tree_rollout makes groups of num_roots·(1 + branches) = "

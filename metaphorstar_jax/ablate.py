@@ -194,17 +194,16 @@ def trainer_env(root: str, compilation_cache: bool) -> dict[str, str]:
   return env
 
 
-def run_cell(config_spec: str, overrides: Sequence[tuple[str, Any]], cell: Cell, root: str,
+def run_cell(cell: Cell, staged: ml_collections.ConfigDict, command: Sequence[str],
              env: Mapping[str, str]) -> dict:
-  """Trains one cell in a trainer process (resuming it if it was cut short) and writes its
-  cell.json; returns it. CellFailed if the trainer does not finish."""
-  staged = cell_config(config_spec, overrides, cell, root)
+  """Trains one cell in a trainer process running `command` (resuming it if it was cut short)
+  and writes its cell.json; returns it. `staged` is the cell's parsed config (cell_config).
+  CellFailed if the trainer does not finish."""
   os.makedirs(staged.workdir, exist_ok=True)
   resumed = bool(checkpoints.saved_steps(os.path.join(staged.workdir, "checkpoints")))
   log_path = os.path.join(staged.workdir, TRAIN_LOG)
   start = time.perf_counter()
-  returncode = run_trainer(train_command(config_spec, cell_overrides(overrides, cell, root)),
-                           log_path, env)
+  returncode = run_trainer(command, log_path, env)
   if returncode != 0:
     raise CellFailed(cell, returncode if returncode > 0 else 128 - returncode, log_path)
   exports = glob.glob(os.path.join(staged.workdir, "hf", "step_*"))
@@ -245,12 +244,12 @@ def run_grid(config_spec: str, cells: Sequence[Cell], root: str, *,
   file, sep, argument = config_spec.partition(":")
   config_spec = os.path.abspath(file) + sep + argument  # as each cell's train.log records it
   overrides = list(overrides)
-  for cell in cells:  # every cell's command line must parse before any cell trains
-    cell_config(config_spec, overrides, cell, root)
+  # Every cell's command line must parse before any cell trains.
+  configs = [cell_config(config_spec, overrides, cell, root) for cell in cells]
   os.makedirs(root, exist_ok=True)
   env = trainer_env(root, compilation_cache)
   ran, skipped = [], []
-  for index, cell in enumerate(cells):
+  for index, (cell, config) in enumerate(zip(cells, configs, strict=True)):
     if os.path.exists(os.path.join(cell.workdir(root), CELL_FILE)):
       logging.info("Cell %d/%d (%s) finished before; not rerun.", index + 1, len(cells),
                    cell.label)
@@ -258,7 +257,8 @@ def run_grid(config_spec: str, cells: Sequence[Cell], root: str, *,
       continue
     logging.info("Cell %d/%d: %s (log: %s).", index + 1, len(cells), cell.label,
                  os.path.join(cell.workdir(root), TRAIN_LOG))
-    run_cell(config_spec, overrides, cell, root, env)
+    run_cell(cell, config,
+             train_command(config_spec, cell_overrides(overrides, cell, root)), env)
     ran.append(cell.label)
   collected = collect(cells, root)
   rows = summarize(collected, target=target, tail=tail)

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from metaphorstar_jax import data
 from metaphorstar_jax.models import qwen2_5_vl
+from metaphorstar_jax.tasks import shape_scenes
 
 _HF_PATH = flags.DEFINE_string("hf_path", None, "Local HF Qwen2.5-VL checkpoint directory; "
                                "default: a tiny random model.")
@@ -33,15 +34,6 @@ _PROMPT = flags.DEFINE_string("prompt", "Is the red circle left of the blue squa
                               "True or False.", "The user's question about the image.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 8, "Greedy tokens to decode.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
-
-
-def synthetic_image(size: int = 112) -> Image.Image:
-  """A red circle left of a blue square on white."""
-  image = Image.new("RGB", (size, size), "white")
-  draw = ImageDraw.Draw(image)
-  draw.ellipse((8, 36, 48, 76), fill=(220, 30, 30))
-  draw.rectangle((64, 36, 104, 76), fill=(30, 60, 220))
-  return image
 
 
 def load(hf_path: str | None):
@@ -81,7 +73,7 @@ def main(argv):
   del argv
   start = time.perf_counter()
   model, processor = load(_HF_PATH.value)
-  image = Image.open(_IMAGE.value) if _IMAGE.value else synthetic_image()
+  image = Image.open(_IMAGE.value) if _IMAGE.value else shape_scenes.example_image()
   conversation = [{"role": "user", "content": [{"type": "image", "image": image},
                                                {"type": "text", "text": _PROMPT.value}]}]
   batch = processor([conversation])

@@ -317,12 +317,12 @@ def test_sharded_sampler_matches_single_device(hf_tiny):
 
 def test_generate_helper_returns_strings():
   from metaphorstar_jax import data
-  from metaphorstar_jax.demo import synthetic_image
+  from metaphorstar_jax.tasks.shape_scenes import example_image
   processor = data.ChatProcessor.from_tokenizer(
       data.build_small_tokenizer(), data.ImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112))
   model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=8)
   texts = generate(model, processor, ["Describe the picture.", "Is the sky green?"],
-                   images=[[synthetic_image()], []], max_new_tokens=6, greedy=False,
+                   images=[[example_image()], []], max_new_tokens=6, greedy=False,
                    num_samples=3, seed=1)
   assert len(texts) == 2 and all(len(t) == 3 for t in texts)
   assert all(isinstance(s, str) for t in texts for s in t)

@@ -152,3 +152,11 @@ def test_task_reads_generated_and_written_data(tmp_path):
   )
   result = task.score("<think>x</think><answer>" + records[0].answer + "</answer>", records[0])
   assert result == {"overall": 1.0, "format": 1.0, "accuracy": 1.0}
+
+
+def test_example_image_shows_a_red_shape_left_of_a_blue_one():
+  pixels = np.asarray(shape_scenes.example_image(112))
+  assert pixels.shape == (112, 112, 3)
+  colour_columns = lambda name: np.nonzero((pixels == drawing.COLOURS[name]).all(-1))[1]
+  red, blue = colour_columns("red"), colour_columns("blue")
+  assert red.size and blue.size and red.max() < blue.min()

@@ -90,6 +90,13 @@ def render_scene(scene: Scene, image_size: int) -> Image.Image:
   return image
 
 
+
+def example_image(image_size: int = 112) -> Image.Image:
+  """A red circle to the left of a blue square: a picture with a known answer, for the demo and
+  for tests that need any image."""
+  shapes = (PlacedShape("red", "circle", 0, 0, ""), PlacedShape("blue", "square", 0, 1, ""))
+  return render_scene(Scene(shapes, grid_size=2, jitter=((0.0, 0.0),) * 2), image_size)
+
 _BINARY = {
   # relation: (axis the pair must differ on, phrase, truth of "a REL b")
   "left_of": ("column", "is to the left of", lambda a, b: a.column < b.column),

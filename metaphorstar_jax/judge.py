@@ -4,7 +4,7 @@ MetaphorStar's OSQ benchmark has no rule-based answer: a vision LLM (GPT-4o in t
 the image, the human reference interpretation and the model's interpretation, and grades the
 latter from 1 to 5; each answer is judged several times and the grades averaged.
 
-    judge = Judge(JudgeConfig.resolve(config.get("judge")))   # URL/model/key: config, then env
+    judge = Judge(JudgeConfig.resolve(config.judge.to_dict()))  # URL/model/key: config, then env
     verdicts = judge.judge_many([JudgeItem(question, reference, answer, images), ...])
     verdicts[0].score      # mean of the parsable grades, None if no repeat gave one
 

@@ -104,5 +104,5 @@ def test_gradient_is_zero_on_masked_tokens():
 def test_errors_name_the_problem():
   with pytest.raises(ValueError, match="loss_agg_mode='mean'"):
     rl.aggregate(jnp.ones((2, 3)), jnp.ones((2, 3)), "mean")
-  with pytest.raises(ValueError, match=r"\[B, T\]"):
+  with pytest.raises(ValueError, match=r"\[B, N\]"):
     rl.aggregate(jnp.ones((2, 3)), jnp.ones((2, 4)), "token-mean")

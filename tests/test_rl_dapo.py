@@ -15,20 +15,20 @@ def test_filter_keeps_groups_whose_rewards_differ():
                    [0.0, 0.0, 0.0, 0.0],   # all failed: no signal
                    [0.1, 0.1, 0.1, 0.1],   # equal non-integers: exact test drops it
                    [0.5, 0.5, 0.5, 0.5000001]])
-  keep_K, keep_B = rl.filter_groups_mask(acc)
-  np.testing.assert_array_equal(np.asarray(keep_K), [False, True, False, False, True])
+  keep_P, keep_B = rl.filter_groups_mask(acc)
+  np.testing.assert_array_equal(np.asarray(keep_P), [False, True, False, False, True])
   np.testing.assert_array_equal(np.asarray(keep_B).reshape(5, 4),
-                                np.repeat(np.asarray(keep_K)[:, None], 4, axis=1))
+                                np.repeat(np.asarray(keep_P)[:, None], 4, axis=1))
 
 
 def test_filter_with_flat_groups_padding_and_singletons():
   values = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0, 7.0, 0.0, 3.0])
   ids = jnp.array([0, 0, 1, 1, 2, 2, 3, 4])
   valid = jnp.array([True, True, True, True, True, False, True, False])
-  keep_K, keep_B = rl.filter_groups_mask(values, ids, 6, valid)
+  keep_P, keep_B = rl.filter_groups_mask(values, ids, 6, valid)
   # group 0 mixed; 1 all equal; 2 one live row (kept, as verl does); 3 singleton; 4 no live row;
   # 5 has no rows at all.
-  np.testing.assert_array_equal(np.asarray(keep_K), [True, False, True, True, False, False])
+  np.testing.assert_array_equal(np.asarray(keep_P), [True, False, True, True, False, False])
   np.testing.assert_array_equal(np.asarray(keep_B),
                                 [True, True, False, False, True, False, True, False])
 

@@ -79,12 +79,12 @@ def test_kl_loss_aggregates_like_the_policy_loss(mode):
   mask[3] = False
   logp[~mask] = -np.inf  # padding garbage
   config = rl.LossConfig(use_kl_loss=True, kl_loss_type="low_var_kl", loss_agg_mode=mode)
-  loss, kl_BT = rl.kl_loss(config, jnp.asarray(logp, jnp.float32), jnp.asarray(ref, jnp.float32),
+  loss, kl_BN = rl.kl_loss(config, jnp.asarray(logp, jnp.float32), jnp.asarray(ref, jnp.float32),
                            jnp.asarray(mask))
   per_token = np.zeros(logp.shape)
   for b, t in zip(*np.nonzero(mask)):
     per_token[b, t] = reference_kl(logp[b, t], ref[b, t], "low_var_kl")
-  np.testing.assert_allclose(np.asarray(kl_BT), per_token, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(kl_BN), per_token, rtol=1e-5, atol=1e-6)
   want = float(rl.aggregate(jnp.asarray(per_token, jnp.float32), jnp.asarray(mask), mode))
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   assert np.isfinite(float(loss))

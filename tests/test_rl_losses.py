@@ -10,7 +10,7 @@ import pytest
 
 from metaphorstar_jax import rl
 
-B, T = 5, 7
+B, N = 5, 7
 
 
 def reference_aggregate(values, mask, mode, norm_length=None):
@@ -72,14 +72,14 @@ def reference_policy_loss(cfg, logp, old, adv, mask, ref=None, entropy=None, sam
 def random_batch(seed, spread=0.4):
   """Ratios spread enough that some tokens clip; ragged rows and one fully masked row."""
   rng = np.random.default_rng(seed)
-  logp = -rng.uniform(0.05, 3.0, size=(B, T))
-  old = logp + rng.normal(scale=spread, size=(B, T))
-  ref = logp + rng.normal(scale=0.3, size=(B, T))
-  sampler = old + rng.normal(scale=0.3, size=(B, T))
-  entropy = rng.uniform(0.0, 2.0, size=(B, T))
+  logp = -rng.uniform(0.05, 3.0, size=(B, N))
+  old = logp + rng.normal(scale=spread, size=(B, N))
+  ref = logp + rng.normal(scale=0.3, size=(B, N))
+  sampler = old + rng.normal(scale=0.3, size=(B, N))
+  entropy = rng.uniform(0.0, 2.0, size=(B, N))
   adv = rng.normal(size=B)
-  lengths = np.array([T, 4, 0, 1, 6])
-  mask = np.arange(T)[None, :] < lengths[:, None]
+  lengths = np.array([N, 4, 0, 1, 6])
+  mask = np.arange(N)[None, :] < lengths[:, None]
   for x in (logp, old, ref, sampler, entropy):
     x[~mask] = np.nan  # padding garbage must stay out of values and gradients
   return dict(logp=logp, old=old, adv=adv, mask=mask, ref=ref, entropy=entropy, sampler=sampler)
@@ -88,8 +88,8 @@ def random_batch(seed, spread=0.4):
 def run(cfg, batch, **extra):
   f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
   return rl.policy_loss(cfg, f32(batch["logp"]), f32(batch["old"]), f32(batch["adv"]),
-                        jnp.asarray(batch["mask"]), ref_logprobs_BT=f32(batch["ref"]),
-                        entropy_BT=f32(batch["entropy"]), sampler_logprobs_BT=f32(batch["sampler"]),
+                        jnp.asarray(batch["mask"]), ref_logprobs_BN=f32(batch["ref"]),
+                        entropy_BN=f32(batch["entropy"]), sampler_logprobs_BN=f32(batch["sampler"]),
                         **extra)
 
 
@@ -182,30 +182,30 @@ def constructed_loss(clip_ratio_c):
 
 def test_clip_flags_and_values_on_constructed_cases():
   out = constructed_loss(clip_ratio_c=3.0)
-  np.testing.assert_array_equal(out.clipped_high_BT, [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0])
-  np.testing.assert_array_equal(out.clipped_low_BT, [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0])
-  np.testing.assert_array_equal(out.clipped_dual_BT, [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0])
+  np.testing.assert_array_equal(out.clipped_high_BN, [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(out.clipped_low_BN, [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(out.clipped_dual_BN, [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0])
   #            A=+1: r<1-lo keeps r, r>1+hi caps at 1.3 | A=-1: floor 0.8, dual cap 3.0 | A=0
   want = [-0.5, -0.9, -1.2, -1.3, -1.3, 0.8, 0.9, 1.2, 1.5, 3.0, 0.0]
-  np.testing.assert_allclose(out.loss_BT, want, rtol=1e-6)
+  np.testing.assert_allclose(out.loss_BN, want, rtol=1e-6)
 
 
 def test_dual_clip_only_touches_negative_advantages():
   with_dual, without = constructed_loss(3.0), constructed_loss(None)
   positive = ADVS > 0
-  np.testing.assert_array_equal(with_dual.loss_BT[positive], without.loss_BT[positive])
-  assert not np.any(without.clipped_dual_BT)
-  np.testing.assert_allclose(without.loss_BT[9], 5.0, rtol=1e-6)  # unbounded without dual-clip
-  np.testing.assert_allclose(with_dual.loss_BT[9], 3.0, rtol=1e-6)
+  np.testing.assert_array_equal(with_dual.loss_BN[positive], without.loss_BN[positive])
+  assert not np.any(without.clipped_dual_BN)
+  np.testing.assert_allclose(without.loss_BN[9], 5.0, rtol=1e-6)  # unbounded without dual-clip
+  np.testing.assert_allclose(with_dual.loss_BN[9], 3.0, rtol=1e-6)
   # A bigger constant, as in DAPO's 10.0, leaves this token alone.
-  np.testing.assert_allclose(constructed_loss(10.0).loss_BT[9], 5.0, rtol=1e-6)
+  np.testing.assert_allclose(constructed_loss(10.0).loss_BN[9], 5.0, rtol=1e-6)
 
 
 def test_dual_clipped_tokens_get_no_gradient():
   log_ratio = jnp.log(jnp.asarray(RATIOS, jnp.float32))[:, None]
   grad = jax.grad(lambda lr: jnp.sum(rl.clipped_policy_loss(
       lr, jnp.asarray(ADVS, jnp.float32)[:, None], clip_ratio_low=0.2, clip_ratio_high=0.3,
-      clip_ratio_c=3.0).loss_BT))(log_ratio)
+      clip_ratio_c=3.0).loss_BN))(log_ratio)
   grad = np.asarray(grad)[:, 0]
   # d(-A r)/d log r = -A r where unclipped; 0 where any clip is active or A = 0.
   want = np.where([1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0], -ADVS * RATIOS, 0.0)
@@ -221,9 +221,9 @@ def test_gradients_are_finite_and_zero_on_masked_tokens(case):
   def loss_of(logp, entropy):
     return rl.policy_loss(cfg, logp, jnp.asarray(batch["old"], jnp.float32),
                           jnp.asarray(batch["adv"], jnp.float32), jnp.asarray(mask),
-                          ref_logprobs_BT=jnp.asarray(batch["ref"], jnp.float32),
-                          entropy_BT=entropy,
-                          sampler_logprobs_BT=jnp.asarray(batch["sampler"], jnp.float32))[0]
+                          ref_logprobs_BN=jnp.asarray(batch["ref"], jnp.float32),
+                          entropy_BN=entropy,
+                          sampler_logprobs_BN=jnp.asarray(batch["sampler"], jnp.float32))[0]
 
   grads = jax.grad(loss_of, argnums=(0, 1))(jnp.asarray(batch["logp"], jnp.float32),
                                             jnp.asarray(batch["entropy"], jnp.float32))
@@ -281,7 +281,7 @@ def test_gspo_forms_agree_with_each_other_but_not_with_ppo_on_unequal_ratios():
 
 def test_tis_weights_are_capped_and_detached():
   batch = random_batch(10, spread=0.3)
-  batch["sampler"] = batch["old"] - 1.5 * np.sign(np.random.default_rng(0).normal(size=(B, T)))
+  batch["sampler"] = batch["old"] - 1.5 * np.sign(np.random.default_rng(0).normal(size=(B, N)))
   cfg = rl.LossConfig(tis_cap=2.0)
   _, metrics = check_against_reference(cfg, batch)
   mask = batch["mask"]
@@ -294,7 +294,7 @@ def test_tis_weights_are_capped_and_detached():
   def loss_of(sampler, old):
     return rl.policy_loss(cfg, jnp.asarray(batch["logp"], jnp.float32), old,
                           jnp.asarray(batch["adv"], jnp.float32), jnp.asarray(mask),
-                          sampler_logprobs_BT=sampler)[0]
+                          sampler_logprobs_BN=sampler)[0]
 
   grads = jax.grad(loss_of, argnums=(0, 1))(jnp.asarray(batch["sampler"], jnp.float32),
                                             jnp.asarray(batch["old"], jnp.float32))
@@ -312,7 +312,7 @@ def test_entropy_bonus_lowers_the_loss_by_its_aggregate():
   grad = jax.grad(lambda e: rl.policy_loss(cfg, jnp.asarray(batch["logp"], jnp.float32),
                                            jnp.asarray(batch["old"], jnp.float32),
                                            jnp.asarray(batch["adv"], jnp.float32),
-                                           jnp.asarray(batch["mask"]), entropy_BT=e)[0])(
+                                           jnp.asarray(batch["mask"]), entropy_BN=e)[0])(
       jnp.asarray(batch["entropy"], jnp.float32))
   np.testing.assert_allclose(np.asarray(grad),
                              np.where(batch["mask"], -0.05 / batch["mask"].sum(), 0.0), rtol=1e-5)
@@ -320,7 +320,7 @@ def test_entropy_bonus_lowers_the_loss_by_its_aggregate():
 
 def test_fully_masked_batch_is_finite_and_flat():
   batch = random_batch(13)
-  batch["mask"] = np.zeros((B, T), bool)
+  batch["mask"] = np.zeros((B, N), bool)
   cfg = rl.preset("metaphorstar").loss.replace(entropy_coeff=0.01, tis_cap=2.0)
   loss, metrics = run(cfg, batch)
   assert float(loss) == 0.0
@@ -333,10 +333,10 @@ def test_fully_masked_batch_is_finite_and_flat():
 def test_per_token_advantages_and_jit_with_static_config():
   batch = random_batch(14)
   cfg = rl.preset("dapo").loss
-  adv_BT = np.repeat(batch["adv"][:, None], T, axis=1)
+  adv_BN = np.repeat(batch["adv"][:, None], N, axis=1)
   fn = jax.jit(rl.policy_loss, static_argnums=0)
   f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-  per_token, _ = fn(cfg, f32(batch["logp"]), f32(batch["old"]), f32(adv_BT),
+  per_token, _ = fn(cfg, f32(batch["logp"]), f32(batch["old"]), f32(adv_BN),
                     jnp.asarray(batch["mask"]))
   per_row, _ = fn(cfg, f32(batch["logp"]), f32(batch["old"]), f32(batch["adv"]),
                   jnp.asarray(batch["mask"]))
@@ -359,11 +359,11 @@ def test_missing_inputs_are_reported():
   logp = jnp.zeros((2, 3))
   mask = jnp.ones((2, 3))
   adv = jnp.zeros(2)
-  with pytest.raises(ValueError, match="ref_logprobs_BT"):
+  with pytest.raises(ValueError, match="ref_logprobs_BN"):
     rl.policy_loss(rl.LossConfig(use_kl_loss=True), logp, logp, adv, mask)
-  with pytest.raises(ValueError, match="entropy_BT"):
+  with pytest.raises(ValueError, match="entropy_BN"):
     rl.policy_loss(rl.LossConfig(entropy_coeff=0.1), logp, logp, adv, mask)
-  with pytest.raises(ValueError, match="sampler_logprobs_BT"):
+  with pytest.raises(ValueError, match="sampler_logprobs_BN"):
     rl.policy_loss(rl.LossConfig(tis_cap=2.0), logp, logp, adv, mask)
   with pytest.raises(ValueError, match="advantages"):
     rl.policy_loss(rl.LossConfig(), logp, logp, jnp.zeros(3), mask)

@@ -1,18 +1,19 @@
 """GRPO-family RL objectives as pure jnp functions: advantages, policy losses, KL, DAPO pieces.
 
 Everything here is jit-able with static shapes and a static config, and has no Python control
-flow on array values. A trainer's step, in order (B = P·G rows, row b = prompt b // G):
+flow on array values. A trainer's step, in order (README "Shape letters": P prompts, G group size,
+B = P·G rows, row b answering prompt b // G, N completion tokens):
 
   cfg = rl.preset("metaphorstar")  # cfg.loss: LossConfig, cfg.rollout: RolloutConfig
   # (DAPO) after each generation batch: rl.filter_groups_mask, rl.dynamic_sampling_decision.
   rewards_B = rl.shape_rewards(cfg.loss, cfg.rollout, rewards_B, lengths_B)
-  rewards_B, _ = rl.kl_in_reward(cfg.loss, kl_coef, rewards_B, old_logprobs_BT, ref_logprobs_BT,
-                                 mask_BT)
+  rewards_B, _ = rl.kl_in_reward(cfg.loss, kl_coef, rewards_B, old_logprobs_BN, ref_logprobs_BN,
+                                 mask_BN)
   advantages_B = rl.compute_advantages(cfg.loss, rewards_B.reshape(P, G))
-  mask_BT = rl.loss_mask(cfg.loss, mask_BT, truncated_B)
+  mask_BN = rl.loss_mask(cfg.loss, mask_BN, truncated_B)
   # inside the jitted, differentiated step:
-  loss, metrics = rl.policy_loss(cfg.loss, logprobs_BT, old_logprobs_BT, advantages_B, mask_BT,
-                                 ref_logprobs_BT=ref_logprobs_BT)
+  loss, metrics = rl.policy_loss(cfg.loss, logprobs_BN, old_logprobs_BN, advantages_B, mask_BN,
+                                 ref_logprobs_BN=ref_logprobs_BN)
 
 Module map: `config` (knobs, presets), `advantages`, `aggregation` (loss_agg_mode), `losses`
 (PPO-clip, dual-clip, GSPO, TIS, the total loss), `kl`, `logprobs` (log-probs and entropy from

@@ -1,12 +1,12 @@
 """Outcome advantages from one scalar reward per completion: GRPO, Dr.GRPO and RLOO.
 
-Shape letters: P prompts, G completions per prompt (group size), B = P·G rows, K groups in the flat
-form.
+Shape letters (README "Shape letters"): P prompts, G completions per prompt (group size), B rows
+(P·G in the grid form).
 
 Rewards come either as a [P, G] grid (row b of the output is prompt b // G, sample b % G) or flat as
-[B] with an integer group id per row and a static group count K. Groups may then differ in size,
-e.g. after filtering. A `valid_B` mask leaves padding rows out of every statistic; their advantage
-is 0. The loss broadcasts the per-row advantage over the row's tokens.
+[B] with an integer group id per row (the prompt it answers) and a static group count P. Groups
+may then differ in size, e.g. after filtering. A `valid_B` mask leaves padding rows out of every
+statistic; their advantage is 0. The loss broadcasts the per-row advantage over the row's tokens.
 
 - GRPO: (r - mean_group) / (std + eps). The std is per group (`scale_rewards="group"`) or over the
   whole batch (`"batch"`, TRL). It is the unbiased ddof=1 std by default, as in verl, EasyR1 and
@@ -30,11 +30,11 @@ _DEFAULTS = LossConfig()
 
 
 def flatten_groups(rewards, group_ids_B=None, num_groups=None, valid_B=None):
-  """Brings per-completion values in either form to (values_B, group_ids_B, K, valid_B).
+  """Brings per-completion values in either form to (values_B, group_ids_B, P, valid_B).
 
   Args:
-    rewards: [P, G] grid (then K = P and row b is group b // G), or [B] with `group_ids_B` [B]
-      ints in [0, num_groups) and a static `num_groups`.
+    rewards: [P, G] grid (then row b is group b // G), or [B] with `group_ids_B` [B] ints in
+      [0, num_groups) and a static `num_groups` (P).
     valid_B: optional [B] or [P, G] bool; all True when None.
   """
   rewards = jnp.asarray(rewards, jnp.float32)
@@ -70,18 +70,18 @@ def group_statistics(rewards, group_ids_B=None, num_groups=None, valid_B=None):
   """Per-group count, mean and sum of squared deviations of the valid rows.
 
   Returns:
-    (count_K, mean_K, sq_dev_K), float32 [K] each; K = P for a [P, G] grid. An empty group has
+    (count_P, mean_P, sq_dev_P), float32 [P] each. An empty group has
     count 0 and mean 0.
   """
   rewards_B, ids_B, num_groups, valid_B = flatten_groups(rewards, group_ids_B, num_groups, valid_B)
   weight_B = valid_B.astype(jnp.float32)
-  count_K = jax.ops.segment_sum(weight_B, ids_B, num_segments=num_groups)
-  total_K = jax.ops.segment_sum(jnp.where(valid_B, rewards_B, 0.0), ids_B, num_segments=num_groups)
-  mean_K = total_K / jnp.maximum(count_K, 1.0)
+  count_P = jax.ops.segment_sum(weight_B, ids_B, num_segments=num_groups)
+  total_P = jax.ops.segment_sum(jnp.where(valid_B, rewards_B, 0.0), ids_B, num_segments=num_groups)
+  mean_P = total_P / jnp.maximum(count_P, 1.0)
   # Two passes (mean, then squared deviations) keep the variance exact for all-equal groups.
-  dev_B = jnp.where(valid_B, rewards_B - mean_K[ids_B], 0.0)
-  sq_dev_K = jax.ops.segment_sum(dev_B * dev_B, ids_B, num_segments=num_groups)
-  return count_K, mean_K, sq_dev_K
+  dev_B = jnp.where(valid_B, rewards_B - mean_P[ids_B], 0.0)
+  sq_dev_P = jax.ops.segment_sum(dev_B * dev_B, ids_B, num_segments=num_groups)
+  return count_P, mean_P, sq_dev_P
 
 
 def _std(sq_dev, count, unbiased):
@@ -109,13 +109,13 @@ def grpo_advantages(rewards, group_ids_B=None, num_groups=None, valid_B=None, *,
   if scale_rewards not in SCALE_REWARDS:
     raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {list(SCALE_REWARDS)}.")
   rewards_B, ids_B, num_groups, valid_B = flatten_groups(rewards, group_ids_B, num_groups, valid_B)
-  count_K, mean_K, sq_dev_K = group_statistics(rewards_B, ids_B, num_groups, valid_B)
-  count_B = count_K[ids_B]
-  baseline_B = jnp.where(count_B > 1, mean_K[ids_B], 0.0)
+  count_P, mean_P, sq_dev_P = group_statistics(rewards_B, ids_B, num_groups, valid_B)
+  count_B = count_P[ids_B]
+  baseline_B = jnp.where(count_B > 1, mean_P[ids_B], 0.0)
   advantages_B = rewards_B - baseline_B
   if norm_by_std:
     if scale_rewards == "group":
-      std_B = _std(sq_dev_K, count_K, unbiased)[ids_B]
+      std_B = _std(sq_dev_P, count_P, unbiased)[ids_B]
     else:
       # TRL's batch scale: the std of the raw rewards of all valid rows.
       n = jnp.sum(valid_B.astype(jnp.float32))
@@ -133,10 +133,10 @@ def rloo_advantages(rewards, group_ids_B=None, num_groups=None, valid_B=None):
     advantages_B, float32 [B]; a group of one keeps its raw reward (verl), invalid rows get 0.
   """
   rewards_B, ids_B, num_groups, valid_B = flatten_groups(rewards, group_ids_B, num_groups, valid_B)
-  count_K, mean_K, _ = group_statistics(rewards_B, ids_B, num_groups, valid_B)
-  count_B = count_K[ids_B]
+  count_P, mean_P, _ = group_statistics(rewards_B, ids_B, num_groups, valid_B)
+  count_B = count_P[ids_B]
   scale_B = count_B / jnp.maximum(count_B - 1.0, 1.0)
-  advantages_B = jnp.where(count_B > 1, scale_B * (rewards_B - mean_K[ids_B]), rewards_B)
+  advantages_B = jnp.where(count_B > 1, scale_B * (rewards_B - mean_P[ids_B]), rewards_B)
   return jnp.where(valid_B, advantages_B, 0.0)
 
 

@@ -88,7 +88,7 @@ class LossConfig(_Knobs):
   clip_ratio_c: float | None = 3.0  # actor.clip_ratio_c: dual-clip bound, negative advantages only
   loss_agg_mode: str = "token-mean"  # actor.loss_agg_mode, used for pg, KL and entropy terms alike
   # The constant of "seq-mean-token-sum-norm" (Dr.GRPO's generation budget); None: the padded
-  # completion length T of the batch, which is max_response_length for a fixed-size sampler.
+  # completion length N of the batch, which is max_response_length for a fixed-size sampler.
   loss_agg_norm_length: int | None = None
   log_ratio_clamp: float = 20.0  # |log pi/pi_old| is clamped here before exp, as verl does
   entropy_coeff: float = 0.0  # actor.entropy_coeff: loss -= entropy_coeff * aggregated entropy

@@ -1,7 +1,7 @@
 """DAPO's data-side pieces: dynamic sampling, the soft overlong penalty, overlong filtering.
 
-Shape letters: P prompts (groups), G group size, B rows, T completion tokens, K groups in the flat
-form, N groups wanted per step.
+Shape letters (README "Shape letters"): P prompts (one group each), G group size, B rows,
+N completion tokens.
 
 DAPO (arXiv 2503.14476) has four techniques, the last of which (overlong reward shaping) comes in
 two forms. Each piece is its own knob here, so a "dapo" run says what it turned on (peers.md §8,
@@ -42,17 +42,17 @@ def filter_groups_mask(values, group_ids_B=None, num_groups=None, valid_B=None):
     valid_B: optional bool mask of real rows.
 
   Returns:
-    (keep_K bool [K], keep_B bool [B]): per group, and broadcast to its rows (False on invalid
+    (keep_P bool [P], keep_B bool [B]): per group, and broadcast to its rows (False on invalid
     rows).
   """
   values_B, ids_B, num_groups, valid_B = flatten_groups(values, group_ids_B, num_groups, valid_B)
-  high_K = jax.ops.segment_max(jnp.where(valid_B, values_B, -jnp.inf), ids_B,
+  high_P = jax.ops.segment_max(jnp.where(valid_B, values_B, -jnp.inf), ids_B,
                                num_segments=num_groups)
-  low_K = jax.ops.segment_min(jnp.where(valid_B, values_B, jnp.inf), ids_B,
+  low_P = jax.ops.segment_min(jnp.where(valid_B, values_B, jnp.inf), ids_B,
                               num_segments=num_groups)
-  count_K = jax.ops.segment_sum(valid_B.astype(jnp.int32), ids_B, num_segments=num_groups)
-  keep_K = (count_K == 1) | ((count_K > 1) & (high_K > low_K))
-  return keep_K, keep_K[ids_B] & valid_B
+  count_P = jax.ops.segment_sum(valid_B.astype(jnp.int32), ids_B, num_segments=num_groups)
+  keep_P = (count_P == 1) | ((count_P > 1) & (high_P > low_P))
+  return keep_P, keep_P[ids_B] & valid_B
 
 
 class DrawDecision(NamedTuple):
@@ -110,18 +110,18 @@ def overlong_penalty(lengths_B, *, max_response_length: int, overlong_buffer_len
   return jnp.clip(penalties_B, -penalty_factor, 0.0)
 
 
-def mask_truncated(mask_BT, truncated_B):
+def mask_truncated(mask_BN, truncated_B):
   """Overlong filtering: a completion cut off by the length budget drops out of the loss.
 
   Args:
-    mask_BT: [B, T] completion mask.
+    mask_BN: [B, N] completion mask.
     truncated_B: [B] bool, True where the sampler stopped on the budget, not on EOS.
 
   Returns:
-    mask_BT with truncated rows zeroed, same dtype.
+    mask_BN with truncated rows zeroed, same dtype.
   """
   keep_B1 = ~jnp.asarray(truncated_B, bool)[:, None]
-  return jnp.where(keep_B1, mask_BT, jnp.zeros_like(mask_BT))
+  return jnp.where(keep_B1, mask_BN, jnp.zeros_like(mask_BN))
 
 
 def shape_rewards(config: LossConfig, rollout: RolloutConfig, rewards_B, lengths_B):
@@ -138,8 +138,8 @@ def shape_rewards(config: LossConfig, rollout: RolloutConfig, rewards_B, lengths
                                       penalty_factor=config.overlong_penalty_factor)
 
 
-def loss_mask(config: LossConfig, mask_BT, truncated_B):
+def loss_mask(config: LossConfig, mask_BN, truncated_B):
   """The completion mask with truncated rows dropped when `config.mask_truncated_completions`."""
   if not config.mask_truncated_completions:
-    return mask_BT
-  return mask_truncated(mask_BT, truncated_B)
+    return mask_BN
+  return mask_truncated(mask_BN, truncated_B)

@@ -1,6 +1,6 @@
 """KL to the reference policy: per-token estimators, the KL loss term, KL folded into the rewards.
 
-Shape letters: B rows, T completion tokens.
+Shape letters (README "Shape letters"): B rows (completions), N completion tokens.
 
 With d = log π(y_t) - log π_ref(y_t) for the sampled token (samples from π; Schulman's note
 "Approximating KL divergence"), the estimators of KL(π || π_ref) are, under verl's names:
@@ -31,62 +31,62 @@ from metaphorstar_jax.rl.config import KL_TYPES, LossConfig
 _DEFAULTS = LossConfig()
 
 
-def _estimate(diff_BT, kl_type, log_ratio_clamp, value_clamp):
+def _estimate(diff_BN, kl_type, log_ratio_clamp, value_clamp):
   if kl_type in ("kl", "k1"):
-    return diff_BT
+    return diff_BN
   if kl_type == "abs":
-    return jnp.abs(diff_BT)
+    return jnp.abs(diff_BN)
   if kl_type in ("mse", "k2"):
-    return 0.5 * jnp.square(diff_BT)
+    return 0.5 * jnp.square(diff_BN)
   if kl_type in ("low_var_kl", "k3"):
-    neg_diff_BT = jnp.clip(-diff_BT, -log_ratio_clamp, log_ratio_clamp)
-    value_BT = jnp.exp(neg_diff_BT) - neg_diff_BT - 1.0
-    return jnp.clip(value_BT, -value_clamp, value_clamp)
+    neg_diff_BN = jnp.clip(-diff_BN, -log_ratio_clamp, log_ratio_clamp)
+    value_BN = jnp.exp(neg_diff_BN) - neg_diff_BN - 1.0
+    return jnp.clip(value_BN, -value_clamp, value_clamp)
   raise ValueError(f"KL estimator {kl_type!r} is not one of {list(KL_TYPES)} (optionally with a "
                    "trailing '+').")
 
 
-def kl_estimate(logprobs_BT, ref_logprobs_BT, kl_type: str, *,
+def kl_estimate(logprobs_BN, ref_logprobs_BN, kl_type: str, *,
                 log_ratio_clamp: float = _DEFAULTS.kl_log_ratio_clamp,
                 value_clamp: float = _DEFAULTS.low_var_kl_clamp):
   """Per-token KL(π || π_ref) estimate from sampled-token log-probs.
 
   Args:
-    logprobs_BT: log π of the sampled tokens, [B, T].
-    ref_logprobs_BT: log π_ref of the same tokens, [B, T].
+    logprobs_BN: log π of the sampled tokens, [B, N].
+    ref_logprobs_BN: log π_ref of the same tokens, [B, N].
     kl_type: "kl"/"k1", "abs", "mse"/"k2", "low_var_kl"/"k3", each optionally with a trailing "+".
 
   Returns:
-    kl_BT, float32 [B, T]; masking is the caller's job.
+    kl_BN, float32 [B, N]; masking is the caller's job.
   """
-  diff_BT = logprobs_BT.astype(jnp.float32) - ref_logprobs_BT.astype(jnp.float32)
+  diff_BN = logprobs_BN.astype(jnp.float32) - ref_logprobs_BN.astype(jnp.float32)
   if kl_type.endswith("+"):
-    forward_BT = _estimate(diff_BT, kl_type[:-1], log_ratio_clamp, value_clamp)
-    k2_BT = 0.5 * jnp.square(diff_BT)
-    return k2_BT + jax.lax.stop_gradient(forward_BT - k2_BT)
-  return _estimate(diff_BT, kl_type, log_ratio_clamp, value_clamp)
+    forward_BN = _estimate(diff_BN, kl_type[:-1], log_ratio_clamp, value_clamp)
+    k2_BN = 0.5 * jnp.square(diff_BN)
+    return k2_BN + jax.lax.stop_gradient(forward_BN - k2_BN)
+  return _estimate(diff_BN, kl_type, log_ratio_clamp, value_clamp)
 
 
-def kl_loss(config: LossConfig, logprobs_BT, ref_logprobs_BT, mask_BT, *, token_count=None,
+def kl_loss(config: LossConfig, logprobs_BN, ref_logprobs_BN, mask_BN, *, token_count=None,
             seq_count=None):
   """The KL loss term before its coefficient, aggregated like the policy loss.
 
   Returns:
-    (scalar loss, kl_BT [B, T] with masked tokens set to 0).
+    (scalar loss, kl_BN [B, N] with masked tokens set to 0).
   """
-  valid_BT = mask_BT.astype(bool)
-  kl_BT = kl_estimate(jnp.where(valid_BT, logprobs_BT, 0.0),
-                      jnp.where(valid_BT, ref_logprobs_BT, 0.0), config.kl_loss_type,
+  valid_BN = mask_BN.astype(bool)
+  kl_BN = kl_estimate(jnp.where(valid_BN, logprobs_BN, 0.0),
+                      jnp.where(valid_BN, ref_logprobs_BN, 0.0), config.kl_loss_type,
                       log_ratio_clamp=config.kl_log_ratio_clamp,
                       value_clamp=config.low_var_kl_clamp)
-  kl_BT = jnp.where(valid_BT, kl_BT, 0.0)
-  loss = aggregation.aggregate(kl_BT, mask_BT, config.loss_agg_mode,
+  kl_BN = jnp.where(valid_BN, kl_BN, 0.0)
+  loss = aggregation.aggregate(kl_BN, mask_BN, config.loss_agg_mode,
                                norm_length=config.loss_agg_norm_length,
                                token_count=token_count, seq_count=seq_count)
-  return loss, kl_BT
+  return loss, kl_BN
 
 
-def kl_penalized_rewards(rewards_B, old_logprobs_BT, ref_logprobs_BT, mask_BT, *, kl_coef,
+def kl_penalized_rewards(rewards_B, old_logprobs_BN, ref_logprobs_BN, mask_BN, *, kl_coef,
                          kl_penalty: str = _DEFAULTS.kl_penalty,
                          log_ratio_clamp: float = _DEFAULTS.kl_log_ratio_clamp,
                          value_clamp: float = _DEFAULTS.low_var_kl_clamp):
@@ -98,24 +98,24 @@ def kl_penalized_rewards(rewards_B, old_logprobs_BT, ref_logprobs_BT, mask_BT, *
 
   Args:
     rewards_B: [B] scalar rewards.
-    old_logprobs_BT, ref_logprobs_BT, mask_BT: [B, T].
+    old_logprobs_BN, ref_logprobs_BN, mask_BN: [B, N].
     kl_coef: the current coefficient (see `adaptive_kl_coef`).
 
   Returns:
     (penalised rewards_B [B], mean per-token KL of each row [B] for the controller and logs).
   """
-  valid_BT = mask_BT.astype(bool)
-  kl_BT = kl_estimate(jax.lax.stop_gradient(jnp.where(valid_BT, old_logprobs_BT, 0.0)),
-                      jax.lax.stop_gradient(jnp.where(valid_BT, ref_logprobs_BT, 0.0)),
+  valid_BN = mask_BN.astype(bool)
+  kl_BN = kl_estimate(jax.lax.stop_gradient(jnp.where(valid_BN, old_logprobs_BN, 0.0)),
+                      jax.lax.stop_gradient(jnp.where(valid_BN, ref_logprobs_BN, 0.0)),
                       kl_penalty, log_ratio_clamp=log_ratio_clamp, value_clamp=value_clamp)
-  kl_BT = jnp.where(valid_BT, kl_BT, 0.0)
-  kl_sum_B = jnp.sum(kl_BT, axis=-1)
-  kl_mean_B = kl_sum_B / jnp.maximum(jnp.sum(valid_BT, axis=-1), 1)
+  kl_BN = jnp.where(valid_BN, kl_BN, 0.0)
+  kl_sum_B = jnp.sum(kl_BN, axis=-1)
+  kl_mean_B = kl_sum_B / jnp.maximum(jnp.sum(valid_BN, axis=-1), 1)
   return jnp.asarray(rewards_B, jnp.float32) - kl_coef * kl_sum_B, kl_mean_B
 
 
-def kl_in_reward(config: LossConfig, kl_coef, rewards_B, old_logprobs_BT, ref_logprobs_BT,
-                 mask_BT):
+def kl_in_reward(config: LossConfig, kl_coef, rewards_B, old_logprobs_BN, ref_logprobs_BN,
+                 mask_BN):
   """`kl_penalized_rewards` with `config`'s estimator when `use_kl_in_reward`, else a no-op.
 
   Returns:
@@ -124,7 +124,7 @@ def kl_in_reward(config: LossConfig, kl_coef, rewards_B, old_logprobs_BT, ref_lo
   rewards_B = jnp.asarray(rewards_B, jnp.float32)
   if not config.use_kl_in_reward:
     return rewards_B, jnp.zeros_like(rewards_B)
-  return kl_penalized_rewards(rewards_B, old_logprobs_BT, ref_logprobs_BT, mask_BT,
+  return kl_penalized_rewards(rewards_B, old_logprobs_BN, ref_logprobs_BN, mask_BN,
                               kl_coef=kl_coef, kl_penalty=config.kl_penalty,
                               log_ratio_clamp=config.kl_log_ratio_clamp,
                               value_clamp=config.low_var_kl_clamp)

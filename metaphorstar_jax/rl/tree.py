@@ -11,8 +11,9 @@ branch's prompt, a branch row's loss covers only its own continuation. Unlike CU
 sees only the continuation text, a branch is scored on prefix + continuation, the whole answer a
 reader would see: format rewards over tags opened in the prefix would otherwise fail.
 
-Shape letters: R root rows (P · num_roots), N completion tokens, V vocabulary, B branch rows
-(R · branches).
+Shape letters (README "Shape letters"): O root rows (P · num_roots, for P prompts), B branch rows
+(O · branches), N completion tokens, V vocabulary; the top-k candidates of a root are a trailing
+unnamed axis (`_`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def branchable_tokens(token_texts: Sequence[str], special_ids, min_chars: int) -
   return table
 
 
-def branch_points(key, entropy_RN, tokens_RN, lengths_R, branchable_V, top_k: int):
+def branch_points(key, entropy_ON, tokens_ON, lengths_O, branchable_V, top_k: int):
   """Where each root is cut: a uniform pick among its `top_k` highest-entropy branchable tokens.
 
   Candidates are positions 1 … length-1 (CURE never branches at the first token, which would
@@ -63,36 +64,36 @@ def branch_points(key, entropy_RN, tokens_RN, lengths_R, branchable_V, top_k: in
   fresh samples of the prompt, as CURE falls back to.
 
   Returns:
-    (positions_R int32, found_R bool): the prefix length of each root's branches, and whether
+    (positions_O int32, found_O bool): the prefix length of each root's branches, and whether
     it came from a candidate.
   """
-  R, N = tokens_RN.shape
+  roots, N = tokens_ON.shape
   columns_N = jnp.arange(N)
   vocab = branchable_V.shape[0]
-  allowed_RN = jnp.asarray(branchable_V)[jnp.clip(tokens_RN, 0, vocab - 1)] & (tokens_RN < vocab)
-  candidate_RN = allowed_RN & (columns_N[None] >= 1) & (columns_N[None] < lengths_R[:, None])
+  allowed_ON = jnp.asarray(branchable_V)[jnp.clip(tokens_ON, 0, vocab - 1)] & (tokens_ON < vocab)
+  candidate_ON = allowed_ON & (columns_N[None] >= 1) & (columns_N[None] < lengths_O[:, None])
   k = min(top_k, N)
-  ranked_entropy_RK, ranked_position_RK = jax.lax.top_k(
-      jnp.where(candidate_RN, entropy_RN.astype(jnp.float32), -jnp.inf), k)
-  usable_RK = jnp.isfinite(ranked_entropy_RK)
-  count_R = usable_RK.sum(axis=1)
+  ranked_entropy_O_, ranked_position_O_ = jax.lax.top_k(
+      jnp.where(candidate_ON, entropy_ON.astype(jnp.float32), -jnp.inf), k)
+  usable_O_ = jnp.isfinite(ranked_entropy_O_)
+  count_O = usable_O_.sum(axis=1)
   # Top-k puts the usable candidates first, so a uniform index below their count picks one.
-  pick_R = jnp.floor(jax.random.uniform(key, (R,)) * jnp.maximum(count_R, 1)).astype(jnp.int32)
-  pick_R = jnp.minimum(pick_R, jnp.maximum(count_R - 1, 0))
-  chosen_R = jnp.take_along_axis(ranked_position_RK, pick_R[:, None], axis=1)[:, 0]
-  found_R = count_R > 0
-  return jnp.where(found_R, chosen_R, 0).astype(jnp.int32), found_R
+  pick_O = jnp.floor(jax.random.uniform(key, (roots,)) * jnp.maximum(count_O, 1)).astype(jnp.int32)
+  pick_O = jnp.minimum(pick_O, jnp.maximum(count_O - 1, 0))
+  chosen_O = jnp.take_along_axis(ranked_position_O_, pick_O[:, None], axis=1)[:, 0]
+  found_O = count_O > 0
+  return jnp.where(found_O, chosen_O, 0).astype(jnp.int32), found_O
 
 
-def join_branches(root_RN, positions_R, continuation_BN, branches: int):
+def join_branches(root_ON, positions_O, continuation_BN, branches: int):
   """Branch rows [B, N]: root r's first positions[r] entries, then the continuation's.
 
   Branch row b belongs to root b // branches. Works for tokens, log-probs or masks alike; the
   continuation's budget (N - position) means nothing is cut.
   """
-  N = root_RN.shape[1]
-  root_BN = jnp.repeat(root_RN, branches, axis=0)
-  position_B = jnp.repeat(positions_R, branches)
+  N = root_ON.shape[1]
+  root_BN = jnp.repeat(root_ON, branches, axis=0)
+  position_B = jnp.repeat(positions_O, branches)
   columns_N = jnp.arange(N)
   from_root_BN = columns_N[None] < position_B[:, None]
   shifted_BN = jnp.take_along_axis(
@@ -101,9 +102,9 @@ def join_branches(root_RN, positions_R, continuation_BN, branches: int):
 
 
 def group_order(num_prompts: int, tree: TreeRollout) -> np.ndarray:
-  """Row order that lays [roots (R rows) ; branches (B rows)] out as one group per prompt:
+  """Row order that lays [roots (O rows) ; branches (B rows)] out as one group per prompt:
   prompt p's roots, then its roots' branches root by root (CURE's concatenation order)."""
   n1, n2 = tree.num_roots, tree.branches
-  roots_P1 = np.arange(num_prompts * n1).reshape(num_prompts, n1)
-  branches_P2 = num_prompts * n1 + np.arange(num_prompts * n1 * n2).reshape(num_prompts, n1 * n2)
-  return np.concatenate([roots_P1, branches_P2], axis=1).reshape(-1)
+  roots_P_ = np.arange(num_prompts * n1).reshape(num_prompts, n1)
+  branches_P_ = num_prompts * n1 + np.arange(num_prompts * n1 * n2).reshape(num_prompts, n1 * n2)
+  return np.concatenate([roots_P_, branches_P_], axis=1).reshape(-1)

@@ -5,7 +5,8 @@ weights and the same inputs: the transformers model is built with a fixed torch 
 `save_pretrained`, and our model is loaded from that directory. Sizes follow
 /work/shared/specs/bench_models.md so figures stay comparable across benchmarks and releases.
 
-Shape letters: B batch, T tokens, S patch rows, P values per patch row, N images.
+Shape letters (README "Shape letters"): B rows, T tokens, X patch rows, Y values per patch row,
+I images.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def synthetic_batch(batch: int, seed: int = DEFAULT_SEED, processor=None) -> dic
 
   Returns:
     {"input_ids": int32 (B, T), "attention_mask": int32 (B, T),
-     "pixel_values": float32 (S, P), "image_grid_thw": int32 (N, 3)}, N = B.
+     "pixel_values": float32 (X, Y), "image_grid_thw": int32 (I, 3)}, I = B.
   """
   if batch < 1:
     raise ValueError(f"batch must be at least 1, got {batch}.")

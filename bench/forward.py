@@ -8,7 +8,8 @@ core busy elsewhere, torch's 2-thread OpenMP forward slows down several-fold and
     python bench/forward.py                      # small model, batch 8, 10 repeats
     python -m bench.forward --model tiny --batch 2 --repeats 1
 
-Shape letters: B batch, T tokens, V vocab, S patch rows, P values per patch row, N images.
+Shape letters (README "Shape letters"): B rows, T tokens, V vocabulary, X patch rows, Y values per
+patch row, I images.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ def jitted_forward(graphdef):
   from flax import nnx
 
   @jax.jit
-  def forward(state, input_ids_BT, attention_mask_BT, pixel_values_SP, image_grid_thw_N3):
+  def forward(state, input_ids_BT, attention_mask_BT, pixel_values_XY, image_grid_thw_I3):
     model = nnx.merge(graphdef, state)
-    return model(input_ids_BT, attention_mask=attention_mask_BT, pixel_values=pixel_values_SP,
-                 image_grid_thw=image_grid_thw_N3)
+    return model(input_ids_BT, attention_mask=attention_mask_BT, pixel_values=pixel_values_XY,
+                 image_grid_thw=image_grid_thw_I3)
 
   return forward
 

@@ -97,14 +97,14 @@ def test_patch_order_is_merge_blocks_with_repeated_frame():
   # A frame whose value encodes (channel, row, col) lets us read back where each pixel went.
   processor = ImageProcessor(**TINY, image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0))
   image = _random_image(112, 56)
-  pixel_values_SD = processor([image])["pixel_values"]
+  pixel_values_XY = processor([image])["pixel_values"]
   frame_HWC = np.asarray(image, np.float64).astype(np.float32) / 255
   p, m = 14, 2
-  row_patches = pixel_values_SD.reshape(-1, 3, 2, p, p)
+  row_patches = pixel_values_XY.reshape(-1, 3, 2, p, p)
   # The still frame is repeated on the temporal axis, not zero-padded.
   np.testing.assert_array_equal(row_patches[:, :, 0], row_patches[:, :, 1])
   gw = 56 // p
-  for s in range(pixel_values_SD.shape[0]):
+  for s in range(pixel_values_XY.shape[0]):
     block, within = divmod(s, m * m)
     block_row, block_col = divmod(block, gw // m)
     patch_row = block_row * m + within // m

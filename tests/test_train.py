@@ -105,8 +105,8 @@ def grpo_inputs(model, group=4):
 
 def one_update(steps, params, opt_state, seq, advantages, sampler_logprobs, mesh=None):
   place = lambda a: sharding.place_rows(a, mesh)
-  seq = SequenceBatch(place(seq.prompt_ids_PT), place(seq.prompt_mask_PT), seq.pixel_values_SP,
-                      seq.image_grid_thw_N3, place(seq.completion_BN),
+  seq = SequenceBatch(place(seq.prompt_ids_PT), place(seq.prompt_mask_PT), seq.pixel_values_XY,
+                      seq.image_grid_thw_I3, place(seq.completion_BN),
                       place(seq.completion_mask_BN))
   mask = seq.completion_mask_BN
   # A reference policy a little off the sampler's, so the low_var_kl term is not zero.
@@ -299,7 +299,7 @@ def test_loss_metrics_of_micro_batches_add_up_to_the_mini_batch():
 
   def grads_of(prompt, row_slice):
     part = SequenceBatch(seq.prompt_ids_PT[prompt], seq.prompt_mask_PT[prompt],
-                         seq.pixel_values_SP, seq.image_grid_thw_N3,
+                         seq.pixel_values_XY, seq.image_grid_thw_I3,
                          seq.completion_BN[row_slice], seq.completion_mask_BN[row_slice])
     return steps.grpo_grads(params, part, advantages[row_slice], None, ref[row_slice],
                             sampler_logprobs[row_slice], mask[row_slice], tokens, rows)

@@ -73,8 +73,8 @@ def tiled_completion_hidden_states(model, batch: SequenceBatch):
   B, N = batch.completion_BN.shape
   tile = lambda a, axis=0: jnp.repeat(a, B // P, axis=axis)
   positions_3PT, deltas_P = model.position_ids(batch.prompt_ids_PT, batch.prompt_mask_PT,
-                                               batch.image_grid_thw_N3)
-  prompt_PTD = model.embed(batch.prompt_ids_PT, batch.pixel_values_SP, batch.image_grid_thw_N3)
+                                               batch.image_grid_thw_I3)
+  prompt_PTD = model.embed(batch.prompt_ids_PT, batch.pixel_values_XY, batch.image_grid_thw_I3)
   first_B = tile(deltas_P + batch.prompt_mask_PT.sum(axis=1).astype(jnp.int32))
   completion_pos_BN = first_B[:, None] + jnp.arange(N, dtype=jnp.int32)[None]
   positions_3BL = jnp.concatenate(

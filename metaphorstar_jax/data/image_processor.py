@@ -6,9 +6,9 @@ Turns PIL images into the flat patch rows the vision tower eats, matching transf
   convert to RGB (alpha composited on white) -> smart_resize -> bicubic PIL resize
   -> (x/255 - mean)/std -> patchify in merge-block order, the frame repeated Tp times.
 
-Shape letters:
-  N images, S patch rows over all images, D = C*Tp*P*P values per patch row (1176 for Qwen),
-  H, W pixels, C colour channels, P patch side, Tp temporal patch, M merge size.
+Shape letters (README "Shape letters"): I images, X patch rows over all images, Y values per patch
+row (channels · temporal_patch_size · patch_size², 1176 for Qwen); a frame's pixel axes are
+spelled out (channels, height, width), since the legend has no letters for them.
 """
 
 from __future__ import annotations
@@ -126,21 +126,22 @@ def _load_rgb(image: Any, index: int) -> Image.Image:
 
 
 def _patchify(
-  frame_CHW: np.ndarray, patch_size: int, merge_size: int, temporal_patch_size: int
+  frame: np.ndarray, patch_size: int, merge_size: int, temporal_patch_size: int
 ) -> np.ndarray:
-  """(C, H, W) normalised frame -> (gh*gw, C*Tp*P*P) rows in merge-block order.
+  """(channels, height, width) normalised frame -> (X, Y) rows in merge-block order: X = gh*gw
+  patches, Y = channels * temporal_patch_size * patch_size² values each.
 
-  Consecutive groups of M*M rows are spatial M x M neighbourhoods, because the merger folds
-  consecutive rows into one LLM token. Within a row the order is c, t, y, x (the Conv3d
-  weight layout), with the still frame repeated Tp times.
+  Consecutive groups of merge_size² rows are spatial merge_size x merge_size neighbourhoods,
+  because the merger folds consecutive rows into one LLM token. Within a row the order is
+  c, t, y, x (the Conv3d weight layout), with the still frame repeated temporal_patch_size times.
   """
-  channels, height, width = frame_CHW.shape
+  channels, height, width = frame.shape
   grid_h, grid_w = height // patch_size, width // patch_size
   blocks_h, blocks_w = grid_h // merge_size, grid_w // merge_size
-  blocks = frame_CHW.reshape(
+  blocks = frame.reshape(
     channels, blocks_h, merge_size, patch_size, blocks_w, merge_size, patch_size
   )
-  # (C, bh, mh, py, bw, mw, px) -> (bh, bw, mh, mw, C, py, px)
+  # (c, bh, mh, py, bw, mw, px) -> (bh, bw, mh, mw, c, py, px)
   blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)
   blocks = np.repeat(blocks[:, :, :, :, :, None], temporal_patch_size, axis=5)
   return blocks.reshape(grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
@@ -189,7 +190,7 @@ class ImageProcessor:
 
   @property
   def patch_dim(self) -> int:
-    """D, the length of one row of `pixel_values`: 3 * Tp * P * P."""
+    """Y, the length of one row of `pixel_values`: 3 · temporal_patch_size · patch_size²."""
     return 3 * self.temporal_patch_size * self.patch_size * self.patch_size
 
   def grid_thw(self, height: int, width: int) -> tuple[int, int, int]:
@@ -207,7 +208,7 @@ class ImageProcessor:
       index: position of the image in its batch, used in error messages.
 
     Returns:
-      pixel_values_SD: float32 (gh*gw, D) patch rows.
+      pixel_values_XY: float32 (X = gh*gw, Y) patch rows.
       grid_thw: int32 (3,) = [1, gh, gw].
     """
     rgb = _load_rgb(image, index)
@@ -219,32 +220,33 @@ class ImageProcessor:
     resized_size = (grid_w * self.patch_size, grid_h * self.patch_size)  # PIL wants (W, H)
     resized = rgb.resize(resized_size, resample=self.resample)
     # float64 scale, then float32 normalise: transformers' arithmetic, so values match bit for bit.
-    scaled_HWC = (np.asarray(resized, dtype=np.float64) * (1.0 / 255.0)).astype(np.float32)
+    # (height, width, channels), as PIL lays the pixels out.
+    scaled = (np.asarray(resized, dtype=np.float64) * (1.0 / 255.0)).astype(np.float32)
     mean = np.asarray(self.image_mean, dtype=np.float32)
     std = np.asarray(self.image_std, dtype=np.float32)
-    normalised_CHW = ((scaled_HWC - mean) / std).transpose(2, 0, 1)
-    pixel_values_SD = _patchify(
-      normalised_CHW, self.patch_size, self.merge_size, self.temporal_patch_size
+    channels_first = ((scaled - mean) / std).transpose(2, 0, 1)
+    pixel_values_XY = _patchify(
+      channels_first, self.patch_size, self.merge_size, self.temporal_patch_size
     )
-    return pixel_values_SD, np.array([1, grid_h, grid_w], dtype=np.int32)
+    return pixel_values_XY, np.array([1, grid_h, grid_w], dtype=np.int32)
 
   def __call__(self, images: Sequence[ImageSource]) -> dict[str, np.ndarray]:
     """Preprocesses a list of images into one batch.
 
     Args:
-      images: N PIL images or image file paths.
+      images: I PIL images or image file paths.
 
     Returns:
-      {"pixel_values": float32 (S, D), rows of all images concatenated in order,
-       "image_grid_thw": int32 (N, 3), one [1, gh, gw] row per image}.
-      With no images: shapes (0, D) and (0, 3).
+      {"pixel_values": float32 (X, Y), rows of all images concatenated in order,
+       "image_grid_thw": int32 (I, 3), one [1, gh, gw] row per image}.
+      With no images: shapes (0, Y) and (0, 3).
     """
     if isinstance(images, (Image.Image, str, os.PathLike)):
       raise TypeError("ImageProcessor takes a list of images; wrap a single image as [image].")
     pixel_rows, grids = [np.zeros((0, self.patch_dim), np.float32)], [np.zeros((0, 3), np.int32)]
     for index, image in enumerate(images):
-      pixel_values_SD, grid_thw = self.process_image(image, index)
-      pixel_rows.append(pixel_values_SD)
+      pixel_values_XY, grid_thw = self.process_image(image, index)
+      pixel_rows.append(pixel_values_XY)
       grids.append(grid_thw[None])
     return {"pixel_values": np.concatenate(pixel_rows), "image_grid_thw": np.concatenate(grids)}
 

@@ -27,12 +27,13 @@ from metaphorstar_jax.data.processor import ChatProcessor
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """One record ready for batching: its unpadded tokens and image patches."""
+  """One record ready for batching: its unpadded tokens and image patches (README "Shape
+  letters": T prompt tokens, X patches, Y values per patch, I images)."""
 
   record: Any
   input_ids_T: np.ndarray
-  pixel_values_SP: np.ndarray
-  image_grid_thw_N3: np.ndarray
+  pixel_values_XY: np.ndarray
+  image_grid_thw_I3: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +93,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
   return {
       "input_ids": ids,
       "attention_mask": mask,
-      "pixel_values": np.concatenate([e.pixel_values_SP for e in examples]).astype(np.float32),
-      "image_grid_thw": np.concatenate([e.image_grid_thw_N3 for e in examples]).astype(np.int32),
+      "pixel_values": np.concatenate([e.pixel_values_XY for e in examples]).astype(np.float32),
+      "image_grid_thw": np.concatenate([e.image_grid_thw_I3 for e in examples]).astype(np.int32),
   }
 
 

@@ -4,8 +4,8 @@ Per conversation: render the chat template, preprocess its images, widen each im
 placeholder to <|vision_start|> + n x <|image_pad|> + <|vision_end|> with n = t*h*w / merge**2,
 tokenize. Then pad the batch.
 
-Shape letters: B conversations, T tokens, N images in the batch, S patch rows,
-D values per patch row.
+Shape letters (README "Shape letters"): B rows (conversations), T tokens, I images in the batch,
+X patch rows, Y values per patch row.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ class ChatProcessor:
     Returns:
       {"input_ids": int32 (B, T), pad positions hold the <|endoftext|> id,
        "attention_mask": int32 (B, T), 1 on real tokens,
-       "pixel_values": float32 (S, D), all images, row-major over the batch ((0, D) if none),
-       "image_grid_thw": int32 (N, 3), one [t, h, w] per image in the same order ((0, 3) if none)}.
+       "pixel_values": float32 (X, Y), all images, row-major over the batch ((0, Y) if none),
+       "image_grid_thw": int32 (I, 3), one [t, h, w] per image in the same order ((0, 3) if none)}.
     """
     if padding_side not in PADDING_SIDES:
       raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}.")

@@ -6,8 +6,9 @@ one `lax.while_loop` decodes every row until all rows have stopped or spent thei
 Weights are arguments of the two jitted functions, so a policy update never recompiles;
 prompt length, patch count and image count are padded to buckets so a run compiles few programs.
 
-Shape letters: P prompts, G samples per prompt, B = P·G rows, T prompt tokens (bucketed),
-N new tokens (max_new_tokens), S patches, V vocabulary.
+Shape letters (README "Shape letters"): P prompts, G samples per prompt, B rows (P·G), T prompt
+tokens (bucketed), N new tokens (max_new_tokens), D width, V vocabulary, X patches, Y values per
+patch, I images.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metaphorstar_jax import rl
 from metaphorstar_jax import sharding as sharding_lib
@@ -101,14 +102,14 @@ def left_align(input_ids_PT, attention_mask_PT, length: int, pad_id: int):
   return out_ids, out_mask
 
 
-def pad_images(pixel_values_SP, image_grid_thw_N3, num_patches: int, num_images: int):
+def pad_images(pixel_values_XY, image_grid_thw_I3, num_patches: int, num_images: int):
   """Pads patches and grids to bucket sizes without changing any real image's features.
 
   The padding patches form one extra image of grid (1, 2, pad/2) whose features no token reads;
   further grid rows are (0, 0, 0), images with no patches.
   """
-  pixels = np.asarray(pixel_values_SP, np.float32)
-  grids = np.asarray(image_grid_thw_N3, np.int32).reshape(-1, 3)
+  pixels = np.asarray(pixel_values_XY, np.float32)
+  grids = np.asarray(image_grid_thw_I3, np.int32).reshape(-1, 3)
   pad = num_patches - pixels.shape[0]
   if pad:
     pixels = np.concatenate([pixels, np.zeros((pad, pixels.shape[1]), np.float32)])
@@ -160,17 +161,18 @@ class Sampler:
     """Rows over the batch axes of the mesh, when there is one and they divide."""
     if self.mesh is None:
       return x
-    spec = sharding_lib.fit_spec(P(sharding_lib.BATCH_AXES), x.shape, self.mesh)
+    spec = sharding_lib.fit_spec(PartitionSpec(sharding_lib.BATCH_AXES), x.shape, self.mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-  def _prefill_fn(self, state, input_ids_PT, attention_mask_PT, pixel_values_SP, image_grid_thw,
+  def _prefill_fn(self, state, input_ids_PT, attention_mask_PT, pixel_values_XY, image_grid_thw_I3,
                   *, group_size: int, new_tokens: int):
     self.compiled_programs += 1
     model = nnx.merge(self.graphdef, state)
     num_prompts = input_ids_PT.shape[0]
     cache_dtype = jnp.dtype(self.config.cache_dtype or model.config.compute_dtype)
     hidden_PTD, prompt_cache, prompt_valid_PT, next_position_P = model.prefill(
-        input_ids_PT, attention_mask_PT, pixel_values_SP, image_grid_thw, cache_dtype=cache_dtype)
+        input_ids_PT, attention_mask_PT, pixel_values_XY, image_grid_thw_I3,
+        cache_dtype=cache_dtype)
     logits_PV = model.logits(hidden_PTD[:, -1]).astype(jnp.float32)
 
     tile = lambda a: self._constrain_rows(jnp.repeat(a, group_size, axis=0))
@@ -285,7 +287,7 @@ class Sampler:
 
     Args:
       batch: the processor's output: input_ids and attention_mask (P, T), optional pixel_values
-        (S, 1176) and image_grid_thw (N, 3).
+        (X, Y = 1176) and image_grid_thw (I, 3).
       group_size: G samples per prompt.
       key: a jax PRNG key (required unless greedy).
       state: model weights (an nnx.State like `nnx.split(model)[1]`); default: the model's, kept

@@ -4,8 +4,9 @@ A group's G completions share one prompt: its images go through the ViT once, th
 over it once, and the G completions read its KV cache without copies, exactly as the sampler
 does, so the trainer never pays G encodes, G prompt passes or G prompt caches.
 
-Shape letters: P prompts, G group size, B = P·G rows, T prompt tokens, N completion tokens,
-F = N - 1 completion tokens fed to the decoder, D width, V vocabulary, S patches.
+Shape letters (README "Shape letters"): P prompts, G group size, B rows (P·G), T prompt tokens,
+N completion tokens, Z = N - 1 completion tokens fed to the decoder, D width, V vocabulary,
+X patches, Y values per patch, I images; chunked logits: J chunks of W tokens each.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ class SequenceBatch(NamedTuple):
 
   prompt_ids_PT: jax.Array
   prompt_mask_PT: jax.Array
-  pixel_values_SP: jax.Array | None
-  image_grid_thw_N3: jax.Array | None
+  pixel_values_XY: jax.Array | None
+  image_grid_thw_I3: jax.Array | None
   completion_BN: jax.Array
   completion_mask_BN: jax.Array
 
@@ -43,20 +44,20 @@ def completion_hidden_states(model, batch: SequenceBatch):
   B, N = batch.completion_BN.shape
   tile = lambda a: jnp.repeat(a, B // P, axis=0)
   prompt_hidden_PTD, cache, prompt_valid_PT, next_position_P = model.prefill(
-      batch.prompt_ids_PT, batch.prompt_mask_PT, batch.pixel_values_SP, batch.image_grid_thw_N3)
+      batch.prompt_ids_PT, batch.prompt_mask_PT, batch.pixel_values_XY, batch.image_grid_thw_I3)
   last_B1D = tile(prompt_hidden_PTD[:, -1:])  # prompts are left-aligned: T-1 is always real
   fed = N - 1
   if fed == 0:
     return last_B1D
   # Completion positions continue from the prompt's, like the sampler's decode positions.
-  positions_BF = tile(next_position_P)[:, None] + jnp.arange(fed, dtype=jnp.int32)[None]
+  positions_BZ = tile(next_position_P)[:, None] + jnp.arange(fed, dtype=jnp.int32)[None]
   # The completions attend to their prompt's keys, shared by the group as in the sampler (read
   # once, never tiled), then to their own causal keys.
-  hidden_BFD, _ = model.cached_hidden_states(
+  hidden_BZD, _ = model.cached_hidden_states(
       model.language_model.embed_tokens(batch.completion_BN[:, :fed]),
-      jnp.broadcast_to(positions_BF[None], (3, B, fed)), model.init_cache(B, fed), 0,
+      jnp.broadcast_to(positions_BZ[None], (3, B, fed)), model.init_cache(B, fed), 0,
       batch.completion_mask_BN[:, :fed] > 0, prefix=(cache, prompt_valid_PT))
-  return jnp.concatenate([last_B1D, hidden_BFD], axis=1)
+  return jnp.concatenate([last_B1D, hidden_BZD], axis=1)
 
 
 def completion_logprobs(model, batch: SequenceBatch, *, temperature: float = 1.0,
@@ -66,7 +67,7 @@ def completion_logprobs(model, batch: SequenceBatch, *, temperature: float = 1.0
   Args:
     chunk_size: when > 0 and below N, logits are formed `chunk_size` tokens at a time (N padded
       up to a multiple) and each chunk is recomputed in the backward pass, so neither the
-      forward nor the gradient ever holds more than one chunk's (B, chunk, V) logits.
+      forward nor the gradient ever holds more than one chunk's (B, W, V) logits.
 
   Returns:
     logprobs_BN and entropy_BN (zeros when `with_entropy` is False), float32, unmasked.
@@ -74,12 +75,12 @@ def completion_logprobs(model, batch: SequenceBatch, *, temperature: float = 1.0
   hidden_BND = completion_hidden_states(model, batch)
   tokens_BN = batch.completion_BN
 
-  def score(hidden_BCD, tokens_BC):
-    logits_BCV = model.logits(hidden_BCD)
+  def score(hidden_BWD, tokens_BW):  # W: one chunk's tokens, or all N when unchunked
+    logits_BWV = model.logits(hidden_BWD)
     if with_entropy:
-      return rl.token_logprobs_and_entropy(logits_BCV, tokens_BC, temperature=temperature)
-    picked_BC = rl.token_logprobs(logits_BCV, tokens_BC, temperature=temperature)
-    return picked_BC, jnp.zeros_like(picked_BC)
+      return rl.token_logprobs_and_entropy(logits_BWV, tokens_BW, temperature=temperature)
+    picked_BW = rl.token_logprobs(logits_BWV, tokens_BW, temperature=temperature)
+    return picked_BW, jnp.zeros_like(picked_BW)
 
   B, N = tokens_BN.shape
   if chunk_size <= 0 or chunk_size >= N:
@@ -89,7 +90,7 @@ def completion_logprobs(model, batch: SequenceBatch, *, temperature: float = 1.0
   hidden_BND = jnp.pad(hidden_BND, ((0, 0), (0, pad), (0, 0)))
   tokens_BN = jnp.pad(tokens_BN, ((0, 0), (0, pad)))
   split = lambda a: jnp.moveaxis(a.reshape(B, chunks, chunk_size, *a.shape[2:]), 1, 0)
-  picked_KBC, entropy_KBC = jax.lax.map(jax.checkpoint(lambda args: score(*args)),
+  picked_JBW, entropy_JBW = jax.lax.map(jax.checkpoint(lambda args: score(*args)),
                                         (split(hidden_BND), split(tokens_BN)))
   merge = lambda a: jnp.moveaxis(a, 0, 1).reshape(B, chunks * chunk_size)[:, :N]
-  return merge(picked_KBC), merge(entropy_KBC)
+  return merge(picked_JBW), merge(entropy_JBW)

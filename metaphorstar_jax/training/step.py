@@ -5,8 +5,8 @@ Gradients are taken per micro-batch and summed on device; each micro-batch loss 
 the whole mini-batch's token and row counts, so the sum equals the mini-batch loss exactly.
 Parameters are arguments everywhere: nothing recompiles when they change.
 
-Shape letters (README "Shape letters"): P prompts, B rows (P·G), N completion tokens (inside
-`_score`, N is the scored batch's width: the first `columns` of them).
+Shape letters (README "Shape letters"): P prompts, G group size, B rows (P·G), N completion
+tokens (inside `_score`, N is the scored batch's width: the first `columns` of them).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 
 from metaphorstar_jax import rl
 from metaphorstar_jax.training import optimizer
@@ -142,8 +142,8 @@ class TrainSteps:
     """One optimizer update (params and opt_state are donated): (params, opt_state, metrics).
 
     The outputs keep the inputs' shardings. Left to itself XLA may return an equivalent sharding
-    spelled differently (P() for P(None,)), or shard a replicated bias, and every function that
-    takes the new params would then compile again on the next step.
+    spelled differently (PartitionSpec() for PartitionSpec(None,)), or shard a replicated bias,
+    and every function that takes the new params would then compile again on the next step.
     """
     return self.programs(params, opt_state)["apply"](params, opt_state, grads)
 
@@ -185,7 +185,8 @@ def optimizer_state_shardings(opt_state, params):
              for path, x in jax.tree_util.tree_leaves_with_path(params)}
   depths = sorted({len(path) for path in by_path}, reverse=True)
   some = next(iter(by_path.values()))[1]
-  replicated = NamedSharding(some.mesh, P()) if isinstance(some, NamedSharding) else some
+  replicated = (NamedSharding(some.mesh, PartitionSpec()) if isinstance(some, NamedSharding)
+                else some)
 
   def pick(path, x):
     for depth in depths:

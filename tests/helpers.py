@@ -4,7 +4,8 @@ Paths and runs: `REPO_ROOT`, `CONFIG` (the README's default config file), `scale
 command line scaled down), `smoke_config`/`smoke_default_config` (its smoke mode as a ConfigDict),
 `history` (a run's metrics.jsonl by step, without wall-clock figures). Model inputs: `tiny_batch`
 (two prompts for the tiny preset, one with two images), `shapes_prompt_batches` (real one-image
-prompts). Updates: `optim_config` and `make_steps` (a TrainSteps with its optimizer state).
+prompts), `scored_groups` (a batch's ScoredGroups with given rewards and traceable rows). Updates:
+`optim_config` and `make_steps` (a TrainSteps with its optimizer state).
 Checkpoints: `run_like_arrays` (a small tree like a run's), `save_steps` (a checkpoint folder of
 such steps), `largest_data_file` (a step's biggest array file, to damage).
 
@@ -105,6 +106,23 @@ def shapes_prompt_batches(count, *, num_records, seed, batch_size=4):
   stream = PromptStream(records, processor, task.build_conversation, batch_size=batch_size,
                         seed=0, shuffle=False, max_prompt_tokens=512)
   return [stream.next_batch() for _ in range(count)]
+
+
+def scored_groups(batch, sampler, rewards_PG, tag=1, new_tokens=3):
+  """ScoredGroups for a prompt `batch` with the given [P, G] rewards (shaped ones equal) and
+  made-up rows of `new_tokens` tokens: every token of row b is 100·tag + b, so a test can trace
+  where each row went."""
+  from metaphorstar_jax.training.rollout import RolloutRows, ScoredGroups
+  rewards = np.asarray(rewards_PG, np.float32).reshape(-1)
+  B = len(rewards)
+  rows = RolloutRows(
+      tokens_BN=np.stack([np.full(new_tokens, 100 * tag + r, np.int32) for r in range(B)]),
+      mask_BN=np.ones((B, new_tokens), np.int32),
+      sampler_logprobs_BN=np.zeros((B, new_tokens), np.float32),
+      lengths_B=np.full(B, new_tokens, np.int32), truncated_B=np.zeros(B, bool))
+  scores = [{"overall": float(r), "accuracy": float(r)} for r in rewards]
+  return ScoredGroups(list(batch.records), list(batch.examples), sampler.prepare(batch.arrays),
+                      rows, rewards, rewards.copy(), scores)
 
 
 def optim_config():

@@ -330,3 +330,21 @@ def test_grad_norm_leaves_out_frozen_parameters():
   assert len(trained) < len(jax.tree.leaves(grads))
   expected = float(np.sqrt(sum(float(np.sum(np.square(leaf))) for leaf in trained)))
   np.testing.assert_allclose(float(applied["grad_norm"]), expected, rtol=1e-5)
+
+
+def test_the_trainer_runs_dapo_dynamic_sampling(tmp_path):
+  from metaphorstar_jax import train
+  config = smoke_default_config(tmp_path / "run")
+  config.log.plot = config.log.tensorboard = False
+  config.rl.overrides = dict(config.rl.overrides, filter_groups=True,
+                             filter_groups_metric="seq_reward", max_num_gen_batches=3)
+  train.train(config)
+  with open(os.path.join(config.workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  grpo = [r for r in rows if r.get("stage") == 1]
+  assert len(grpo) == config.stages[1].steps
+  for row in grpo:
+    assert 1 <= row["dynamic_sampling/gen_batches"] <= 3
+    assert 0 <= row["dynamic_sampling/kept_frac"] <= 1
+    kept = row["dynamic_sampling/kept_groups"]
+    assert kept == 0 or np.isfinite(row["loss"])

@@ -28,7 +28,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 flags.DEFINE_list("runs", ["7b@v5p-8", "32b@v5p-32", "72b@v5p-64"], "size@topology, one plan each.")
 flags.DEFINE_list("only", [], "Compile only these programs (and what they need).")
-flags.DEFINE_integer("image_pixels", 0, "plan.image_pixels of every run (0: image.max_pixels).")
+flags.DEFINE_integer("image_pixels", None,
+                     "plan.image_pixels of every run (unset: image.max_pixels).")
 
 
 def run_config(size: str):

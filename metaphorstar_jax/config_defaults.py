@@ -79,8 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   One convention for "not set here": None (a field made by `unset(type)`, which still parses as
   its type on the command line). An unset field takes the value its comment names: the RL
   preset's (rl.group_size, rl.temperature, rl.top_p), the evaluation preset's (eval.temperature,
-  eval.top_p), or another field's (eval.max_new_tokens, train.gen_prompts_per_step, a stage's
-  overrides of run-wide fields). Dict-valued fields (rl.overrides, rl.tree_rollout,
+  eval.top_p), another field's (eval.max_new_tokens, train.gen_prompts_per_step,
+  plan.image_pixels, a stage's overrides of run-wide fields), or the newest saved step
+  (checkpoint.step). Dict-valued fields (rl.overrides, rl.tree_rollout,
   data.task_options, data.eval_task_options) are {} when they add nothing; their keys are checked
   against their own schemas (check_dict_keys).
   """
@@ -159,12 +160,12 @@ def base_config() -> ml_collections.ConfigDict:
       every=0, num_examples=64, batch_size=32, greedy=True, temperature=unset(float),
       top_p=unset(float), max_new_tokens=unset(int), num_samples=1))
   # resume: continue from the workdir's newest checkpoint that restores (older ones when it is
-  # damaged), or from `step` (-1: the newest). A resumed run keeps the config fields that give
+  # damaged), or from `step` (unset: the newest). A resumed run keeps the config fields that give
   # its steps their meaning (training/workdir.py RESUME_FIELDS) unless `allow_config_change`.
   # A fresh run (resume=False) refuses a workdir that holds checkpoints unless `overwrite`
   # clears them and the old metrics first.
   config.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=3, async_save=True,
-                                                     resume=True, overwrite=False, step=-1,
+                                                     resume=True, overwrite=False, step=unset(int),
                                                      allow_config_change=False))
   # HF checkpoints written as the run trains, to workdir/hf/step_N: every `every` steps of each
   # stage and at its last step (0: never), and after the last stage (`at_end`). dtype on disk:
@@ -175,8 +176,8 @@ def base_config() -> ml_collections.ConfigDict:
                                               progress_bar=True, plot=True, verbose=False))
   # The ahead-of-time plan (python -m metaphorstar_jax.plan): `check_fit` makes train compile
   # every program first and refuse a step that cannot fit; worst-case prompts carry
-  # `images_per_prompt` square images of `image_pixels` (0: image.max_pixels).
-  config.plan = ml_collections.ConfigDict(dict(check_fit=False, image_pixels=0,
+  # `images_per_prompt` square images of `image_pixels` (unset: image.max_pixels).
+  config.plan = ml_collections.ConfigDict(dict(check_fit=False, image_pixels=unset(int),
                                                images_per_prompt=1))
   # Fault injection for resumption tests (0: never): SIGKILL the process right after the
   # checkpoint of global step `kill_after_checkpoint` is on disk; SIGTERM it in the middle of

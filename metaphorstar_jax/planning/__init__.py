@@ -18,7 +18,7 @@ names the program, the bytes and settings that would fit; `train` runs the same 
 (`check_fit`) before it loads weights when `config.plan.check_fit` is set.
 
 Shapes are the worst a run can meet: every prompt `data.max_prompt_tokens` long carrying
-`plan.images_per_prompt` square images of `plan.image_pixels` (0: `image.max_pixels`), every
+`plan.images_per_prompt` square images of `plan.image_pixels` (unset: `image.max_pixels`), every
 completion `rl.max_new_tokens` long, padded to the sampler's buckets as a run pads them.
 
 Modules, in reading order: `targets` (chips and the devices to compile for), `abstract` (the

@@ -62,12 +62,13 @@ class ImageShape:
 
 
 def prompt_images(config, vision) -> ImageShape:
-  """`plan.images_per_prompt` square images of `plan.image_pixels` (0: image.max_pixels), as the
+  """`plan.images_per_prompt` square images of `plan.image_pixels` (unset: image.max_pixels), as the
   image processor resizes them."""
   count = int(config.plan.images_per_prompt)
   if count == 0:
     return ImageShape(0, 0, 0, (0, 0, 0))
-  pixels = int(config.plan.image_pixels) or int(config.image.max_pixels)
+  pixels = int(config.image.max_pixels if config.plan.image_pixels is None
+               else config.plan.image_pixels)
   processor = data.ImageProcessor(min_pixels=config.image.min_pixels,
                                   max_pixels=config.image.max_pixels,
                                   patch_size=vision.patch_size,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 class Resumption:
   """The saved step a resumed run starts from: checkpoint.step when it names one (`requested`
-  >= 0), else the newest step that restores. `step`, `meta` (stage and step) and `record` (the
+  not None), else the newest step that restores. `step`, `meta` (stage and step) and `record` (the
   saving run's config and data) describe the current choice.
 
   A step whose metadata cannot be read is passed over at once; one whose arrays do not restore
@@ -28,19 +28,20 @@ class Resumption:
   another: its failure is an error.
   """
 
-  def __init__(self, checkpointer: Checkpointer, requested: int, saved: list[int]):
+  def __init__(self, checkpointer: Checkpointer, requested: int | None, saved: list[int]):
     self._checkpointer = checkpointer
     self.requested = requested
-    self._candidates = [requested] if requested >= 0 else sorted(saved, reverse=True)
+    self._candidates = [requested] if requested is not None else sorted(saved, reverse=True)
     self.skipped: list[tuple[int, str]] = []
     self.step, self.meta, self.record = None, None, None
     self._next()
 
   @classmethod
-  def find(cls, checkpointer: Checkpointer, requested: int = -1) -> Resumption | None:
+  def find(cls, checkpointer: Checkpointer,
+           requested: int | None = None) -> Resumption | None:
     """The resumption of the run saved under `checkpointer`; None when it holds no step."""
     saved = checkpointer.all_steps()
-    if requested >= 0 and requested not in saved:
+    if requested is not None and requested not in saved:
       raise ValueError(f"checkpoint.step={requested}: {checkpointer.directory} holds no "
                        f"checkpoint of that step; saved steps: {saved}.")
     return cls(checkpointer, requested, saved) if saved else None
@@ -58,7 +59,7 @@ class Resumption:
       self.step, self.meta, self.record = step, meta, record
       return
     reasons = "; ".join(f"step {step}: {why}" for step, why in self.skipped)
-    advice = ("Pick another with --config.checkpoint.step=N" if self.requested >= 0 else
+    advice = ("Pick another with --config.checkpoint.step=N" if self.requested is not None else
               "Train afresh with --config.checkpoint.resume=False "
               "--config.checkpoint.overwrite=True")
     raise CheckpointError(f"No checkpoint under {self._checkpointer.directory} restores "

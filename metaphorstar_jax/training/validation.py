@@ -21,8 +21,7 @@ AT_LEAST = (
     ("eval.every", 0), ("eval.batch_size", 1), ("eval.num_samples", 1),
     ("checkpoint.every", 0), ("checkpoint.keep", 1), ("export.every", 0), ("log.every", 1),
     ("optim.max_consecutive_nonfinite", 0),
-    ("checkpoint.step", -1),  # -1: the newest step that restores
-    ("plan.image_pixels", 0), ("plan.images_per_prompt", 0),  # 0: text-only prompts
+    ("plan.images_per_prompt", 0),  # 0: text-only prompts
     ("debug.kill_after_checkpoint", 0), ("debug.signal_at_step", 0),
 )
 # (field, what it must be): the judge's bounds.
@@ -56,7 +55,9 @@ def check_numbers(config) -> None:
   # Unset (None) takes the preset's value or another field's (config_defaults.base_config).
   for field, low, fallback in (("rl.group_size", 1, "the RL preset's rollout.n"),
                                ("train.gen_prompts_per_step", 1, "train.prompts_per_step"),
-                               ("eval.max_new_tokens", 1, "rl.max_new_tokens")):
+                               ("eval.max_new_tokens", 1, "rl.max_new_tokens"),
+                               ("checkpoint.step", 0, "the newest step that restores"),
+                               ("plan.image_pixels", 1, "image.max_pixels")):
     value = _get(config, field)
     if value is not None and not _is_count(value, low):
       _fail(field, value, f"use an integer ≥ {low}, or leave it unset (None) for {fallback}")

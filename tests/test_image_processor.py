@@ -98,20 +98,20 @@ def test_patch_order_is_merge_blocks_with_repeated_frame():
   processor = ImageProcessor(**TINY, image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0))
   image = _random_image(112, 56)
   pixel_values_XY = processor([image])["pixel_values"]
-  frame_HWC = np.asarray(image, np.float64).astype(np.float32) / 255
+  frame = np.asarray(image, np.float64).astype(np.float32) / 255  # (height, width, channels)
   p, m = 14, 2
   row_patches = pixel_values_XY.reshape(-1, 3, 2, p, p)
   # The still frame is repeated on the temporal axis, not zero-padded.
   np.testing.assert_array_equal(row_patches[:, :, 0], row_patches[:, :, 1])
   gw = 56 // p
-  for s in range(pixel_values_XY.shape[0]):
-    block, within = divmod(s, m * m)
+  for x in range(pixel_values_XY.shape[0]):
+    block, within = divmod(x, m * m)
     block_row, block_col = divmod(block, gw // m)
     patch_row = block_row * m + within // m
     patch_col = block_col * m + within % m
-    patch_HWC = frame_HWC[patch_row * p : (patch_row + 1) * p, patch_col * p : (patch_col + 1) * p]
-    expected_CPP = patch_HWC.transpose(2, 0, 1)
-    np.testing.assert_allclose(row_patches[s, :, 0], expected_CPP, atol=1e-6)
+    patch = frame[patch_row * p : (patch_row + 1) * p, patch_col * p : (patch_col + 1) * p]
+    channels_first = patch.transpose(2, 0, 1)
+    np.testing.assert_allclose(row_patches[x, :, 0], channels_first, atol=1e-6)
 
 
 def test_no_images():

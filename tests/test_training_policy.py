@@ -42,7 +42,7 @@ def test_trainer_logprobs_equal_sampler_logprobs_and_chunking_is_exact():
 
 
 def test_chunked_lm_head_gradient_never_holds_all_logits():
-  """With logit chunks, the gradient's temporaries stay near one chunk's (B, chunk, V) logits at
+  """With logit chunks, the gradient's temporaries stay near one chunk's (B, W, V) logits at
   any completion width, a multiple of the chunk or not (measured by the compiler, not a clock):
   the tiny model with Qwen's 151,936-token vocabulary, B = 8, chunks of 16."""
   cfg = qwen2_5_vl.preset("tiny")
@@ -77,15 +77,15 @@ def tiled_completion_hidden_states(model, batch: SequenceBatch):
   prompt_PTD = model.embed(batch.prompt_ids_PT, batch.pixel_values_XY, batch.image_grid_thw_I3)
   first_B = tile(deltas_P + batch.prompt_mask_PT.sum(axis=1).astype(jnp.int32))
   completion_pos_BN = first_B[:, None] + jnp.arange(N, dtype=jnp.int32)[None]
-  positions_3BL = jnp.concatenate(
+  positions_3BS = jnp.concatenate(
       [tile(positions_3PT, 1), jnp.broadcast_to(completion_pos_BN[None], (3, B, N))], axis=2)
-  x_BLD = jnp.concatenate(
+  x_BSD = jnp.concatenate(
       [tile(prompt_PTD), model.language_model.embed_tokens(batch.completion_BN)], axis=1)
-  valid_BL = jnp.concatenate([tile(batch.prompt_mask_PT), batch.completion_mask_BN], axis=1) > 0
-  L = T + N
-  mask_BLL = jnp.tril(jnp.ones((L, L), bool))[None] & valid_BL[:, None, :]
-  hidden_BLD, _ = model.language_model(x_BLD, positions_3BL, mask_BLL)
-  return hidden_BLD[:, T - 1:T + N - 1]
+  valid_BS = jnp.concatenate([tile(batch.prompt_mask_PT), batch.completion_mask_BN], axis=1) > 0
+  S = T + N  # the whole sequence, each token both a query and a key
+  mask_BSS = jnp.tril(jnp.ones((S, S), bool))[None] & valid_BS[:, None, :]
+  hidden_BSD, _ = model.language_model(x_BSD, positions_3BS, mask_BSS)
+  return hidden_BSD[:, T - 1:T + N - 1]
 
 
 @pytest.mark.parametrize("new_tokens", [7, 1])

@@ -1,4 +1,7 @@
-"""Segment-restricted vision attention equals the dense masked attention, values and gradients."""
+"""Segment-restricted vision attention equals the dense masked attention, values and gradients.
+
+Shape letters (README "Shape letters"): X patches (the queries and keys), Q heads, H head dim.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +14,17 @@ from metaphorstar_jax.models.qwen2_5_vl import vision_attention
 from metaphorstar_jax.models.qwen2_5_vl.positions import vision_layout
 
 
-def dense_attention(q_SNH, k_SNH, v_SNH, segments_S):
-  """The S × S reference: softmax over the keys of the query's own segment."""
-  logits = jnp.einsum("qnh,knh->nqk", q_SNH, k_SNH) * q_SNH.shape[-1] ** -0.5
-  visible = segments_S[:, None] == segments_S[None, :]
+def dense_attention(q_XQH, k_XQH, v_XQH, segments_X):
+  """The X × X reference: softmax over the keys of the query's own segment."""
+  logits = jnp.einsum("qnh,knh->nqk", q_XQH, k_XQH) * q_XQH.shape[-1] ** -0.5
+  visible = segments_X[:, None] == segments_X[None, :]
   logits = jnp.where(visible[None], logits, -jnp.inf)
-  return jnp.einsum("nqk,knh->qnh", jax.nn.softmax(logits, axis=-1), v_SNH)
+  return jnp.einsum("nqk,knh->qnh", jax.nn.softmax(logits, axis=-1), v_XQH)
 
 
-def qkv(S, seed=0, N=3, H=8):
+def qkv(X, seed=0, Q=3, H=8):
   keys = jax.random.split(jax.random.key(seed), 3)
-  return [jax.random.normal(k, (S, N, H), jnp.float32) for k in keys]
+  return [jax.random.normal(k, (X, Q, H), jnp.float32) for k in keys]
 
 
 def runs(lengths):
@@ -66,13 +69,13 @@ def test_real_window_layouts_fit_the_block():
   """The precondition of window_attention: Qwen2.5-VL windows (4 × 4 merged cells) are contiguous
   runs of at most 64 patches, for images of any shape, videos and the sampler's padding image."""
   grids = np.asarray([[1, 38, 52], [2, 14, 8], [1, 2, 18], [1, 64, 6]], np.int32)
-  S = int(np.prod(grids, axis=1).sum())
-  layout = vision_layout(grids, S, merge_size=2, window_cells=4)
+  X = int(np.prod(grids, axis=1).sum())
+  layout = vision_layout(grids, X, merge_size=2, window_cells=4)
   segments = np.asarray(layout.window_segments_X)
   starts = np.flatnonzero(np.diff(segments, prepend=-1))
-  lengths = np.diff(np.append(starts, S))
+  lengths = np.diff(np.append(starts, X))
   assert len(set(segments.tolist())) == len(starts), "a window is not contiguous"
   assert lengths.max() <= 64
-  q, k, v = qkv(S, seed=3)
+  q, k, v = qkv(X, seed=3)
   got = vision_attention.window_attention(q, k, v, jnp.asarray(segments), block=64)
   np.testing.assert_allclose(got, dense_attention(q, k, v, jnp.asarray(segments)), atol=2e-6)

@@ -1,9 +1,10 @@
 """Sampled-token log-probs and per-token entropy from logits, computed stably in float32: the one
 implementation the sampler's decode step and the trainer's scoring both call.
 
-Shape letters: B rows, N completion tokens, V vocabulary. Leading axes are free: the trainer passes
-logits_BNV and tokens_BN, the sampler's decode step logits_BV and tokens_B, and both run the same
-arithmetic (jitted, equal to the bit on the same logits: tests/test_rl_logprobs.py).
+Shape letters (README "Shape letters"): B rows, N completion tokens, V vocabulary. Leading axes are
+free: the trainer passes logits_BNV and tokens_BN, the sampler's decode step logits_BV and
+tokens_B, and both run the same arithmetic (jitted, equal to the bit on the same logits:
+tests/test_rl_logprobs.py).
 
 `temperature` is a required argument on purpose. The trainer must divide the logits by the same
 temperature the sampler used, or the importance ratios compare two different distributions. That is

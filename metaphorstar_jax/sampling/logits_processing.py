@@ -1,7 +1,7 @@
 """Turning next-token logits into a sampled token (its log-probability is `rl.token_logprobs`,
 the trainer's).
 
-Shape letters: B rows, V vocabulary.
+Shape letters (README "Shape letters"): B rows, V vocabulary.
 """
 
 from __future__ import annotations

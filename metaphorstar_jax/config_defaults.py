@@ -152,8 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.stages = [stage("grpo", kind="grpo", steps=100, learning_rate=1e-6)]
 
-  # Evaluation, periodic and by the evaluate CLI alike (evaluation.sampling_config): greedy, or
-  # sampled at `temperature` / `top_p` (unset: the RL preset's validation values);
+  # Evaluation, periodic and by the evaluate CLI alike (training/evaluation_setup.py): greedy,
+  # or sampled at `temperature` / `top_p` (unset: the RL preset's validation values);
   # `max_new_tokens` (unset: rl.max_new_tokens); `num_samples` completions per record, metrics
   # averaged over them.
   config.eval = ml_collections.ConfigDict(dict(

@@ -32,7 +32,7 @@ from absl import app, flags
 
 from metaphorstar_jax import config_files
 from metaphorstar_jax import sharding as sharding_lib
-from metaphorstar_jax.training import evaluation
+from metaphorstar_jax.training import evaluation, evaluation_setup
 
 DEFAULT_CONFIG = config_files.path(config_files.DEFAULT)  # shipped with the package
 
@@ -53,8 +53,9 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_integer("num_samples", None, "Completions per record, metrics averaged; default "
                        "config.eval.num_samples or 1.", flag_values=fv)
-  flags.DEFINE_enum("sampling", None, list(evaluation.SAMPLING_MODES), "greedy, or validation "
-                    "(the config's evaluation temperature/top_p); default by config.eval.greedy.",
+  flags.DEFINE_enum("sampling", None, list(evaluation_setup.SAMPLING_MODES), "greedy, or "
+                    "validation (the config's evaluation temperature/top_p); default by "
+                    "config.eval.greedy.",
                     flag_values=fv)
   return fv
 

@@ -20,7 +20,6 @@ import sys
 import time
 from typing import Any
 
-import jax
 import ml_collections
 from absl import app, flags, logging
 from flax import nnx
@@ -28,7 +27,6 @@ from flax import nnx
 from metaphorstar_jax import config_files, planning
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.pipeline import PromptStream
-from metaphorstar_jax.sampling import Sampler
 from metaphorstar_jax.training import builders, checkpoints, evaluation, grpo, hf_export
 from metaphorstar_jax.training import learner as learner_lib
 from metaphorstar_jax.training import metrics as metrics_lib, preemption, sft, terminal
@@ -36,7 +34,7 @@ from metaphorstar_jax.training import validation
 from metaphorstar_jax.training import workdir as workdir_lib
 from metaphorstar_jax.training.objective import draw_size
 from metaphorstar_jax.training.state import (RunState, check_updates, checkpoint_arrays,
-                                             restore_into)
+                                             resume_run, save_run)
 
 DEFAULT_CONFIG = config_files.path(config_files.DEFAULT)  # shipped with the package
 _CONFIG = config_files.define_config_flag("config", DEFAULT_CONFIG, "Training config file.")
@@ -75,10 +73,7 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
   ckpt = cleanup.enter_context(checkpoints.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save))
-  resume = (checkpoints.Resumption.find(ckpt, config.checkpoint.step)
-            if config.checkpoint.resume else None)
-  if resume:
-    workdir_lib.check_resume(resume.record, config, run_record["data"], resume.step)
+  resume = workdir_lib.find_resumption(config, ckpt, run_record)
   workdir_lib.write_run_config(config)  # once the config is accepted
 
   # --- build: policy, evaluation, metrics ------------------------------------------------------
@@ -87,11 +82,7 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
   # run.params own the weights from here. Every update donates them, deleting the arrays `model`
   # shares with them, so the samplers keep no weights: each call passes run.params.
   graphdef, params = nnx.split(model)
-  # Periodic evaluation is the evaluation CLI's: its sampling settings, repeats and scoring.
-  eval_sampler = Sampler(model, evaluation.sampling_config(config), mesh=mesh,
-                         keep_weights=False)
-  evaluation.check_repeats(config.eval.num_samples, eval_sampler.config)
-  eval_judge, _ = evaluation.make_judge(config, task, os.path.join(workdir, "eval"))
+  evaluate = evaluation.trainer_evaluation(config, model, mesh, task, eval_records, processor)
   # The history keeps the rows up to the restored step (none when nothing is restored).
   writer = metrics_lib.MetricsWriter(workdir, total_steps=sum(s.steps for s in config.stages),
                                      use_tensorboard=config.log.tensorboard,
@@ -106,11 +97,7 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
   def run_eval(tag: str) -> dict | None:
     """The evaluation's metrics; None when a signal stopped it (between two batches)."""
     try:
-      found = evaluation.evaluate_records(
-          task, eval_records, processor, eval_sampler, run.params,
-          batch_size=config.eval.batch_size, max_prompt_tokens=config.data.max_prompt_tokens,
-          num_samples=config.eval.num_samples, seed=config.seed, judge=eval_judge,
-          should_stop=lambda: stop.agreed(run.global_step, ckpt, after_step=False))["metrics"]
+      found = evaluate(run.params, lambda: stop.agreed(run.global_step, ckpt, after_step=False))
     except evaluation.EvaluationStopped as e:
       logging.warning("%s (%s, step %d): a stop was asked for.", e, tag, run.global_step)
       return None
@@ -127,15 +114,9 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
                               dtype=config.export.dtype or None, replace=True)
       results["exports"].append(out)
 
-  def save(stream: PromptStream) -> None:
-    ckpt.save(run.global_step, checkpoint_arrays(run), stream.get_state(),
-              {"stage_index": run.stage_index, "stage_step": run.stage_step,
-               "global_step": run.global_step, "stage": config.stages[run.stage_index].name,
-               "kl_coef": run.kl_coef}, run_record)
-
   # --- the stages ------------------------------------------------------------------------------
   stage_index = resume.meta["stage_index"] if resume else 0
-  stopped = False
+  stopped = False  # by a signal: the run saves the step it is at and returns
   while stage_index < len(config.stages) and not stopped:
     stage = config.stages[stage_index]
     run.global_step = sum(s.steps for s in config.stages[:stage_index])
@@ -150,16 +131,13 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
                           seed=config.seed + stage_index, shuffle=task.shuffle,
                           max_prompt_tokens=config.data.max_prompt_tokens,
                           num_workers=config.data.num_workers)
+    save = lambda: save_run(ckpt, run, stream.get_state(), stage.name, run_record)
     if resume and resume.meta["stage_index"] == stage_index:
       found = resume.restore(checkpoint_arrays(run), stage_index)  # or an older step's
       if found is None:  # the newest step that restores is in an earlier stage
         stage_index = resume.meta["stage_index"]
         continue
-      restored, data_state, meta = found
-      restore_into(run, restored)
-      stream.set_state(data_state)
-      run.stage_step, run.global_step = meta["stage_step"], meta["global_step"]
-      run.kl_coef = float(meta.get("kl_coef", run.kl_coef))
+      resume_run(run, found, stream)
       writer.rewind(run.global_step)  # when an older step restored than the one first tried
       logging.info("Resumed stage %s at its step %d (global %d).", stage.name, run.stage_step,
                    run.global_step)
@@ -175,14 +153,12 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
         stopped = True
         if config.checkpoint.every and run.global_step and \
             ckpt.latest_step() != run.global_step:  # evaluated off the checkpoint cadence
-          save(stream)
-        results["stopped"] = stop_run(stop, run, ckpt)
+          save()
         break
       # --- one step ----------------------------------------------------------------------------
       ckpt.check()  # a background save that failed stops the run here, naming its step
       batch = stream.next_batch()
-      if run.global_step + 1 == config.debug.signal_at_step and jax.process_index() == 0:
-        os.kill(os.getpid(), signal.SIGTERM)  # a pre-emption of one host, mid-step
+      preemption.signal_mid_step(config.debug, run.global_step + 1)
       if stage.kind == "sft":
         step_metrics = sft.step(learner, run, batch)
       else:
@@ -200,12 +176,9 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
       stopped = stop.agreed(run.global_step, ckpt)
       if config.checkpoint.every and (run.stage_step % config.checkpoint.every == 0
                                       or stage_done or stopped):
-        save(stream)  # before evaluating: a pre-emption during the evaluation loses no step
-        if run.global_step == config.debug.kill_after_checkpoint:
-          ckpt.wait()
-          os.kill(os.getpid(), signal.SIGKILL)  # simulate a pre-emption
+        save()  # before evaluating: a pre-emption during the evaluation loses no step
+        preemption.kill_after_checkpoint(config.debug, run.global_step, ckpt)
       if stopped:
-        results["stopped"] = stop_run(stop, run, ckpt)
         break
       if config.eval.every and run.stage_step % config.eval.every == 0 and not stage_done:
         run_eval(f"{stage.name} step {run.stage_step}")  # a stop is taken at the loop's top
@@ -213,18 +186,16 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
         export_now()
     if stopped:
       break
-    if run.stage_step == stage.steps and stage_index + 1 < len(config.stages) and \
-        config.checkpoint.every:
+    if stage_index + 1 < len(config.stages) and config.checkpoint.every:
       ckpt.wait()
     results[f"after {stage.name}"] = run_eval(f"after {stage.name}")
-    if results[f"after {stage.name}"] is None:  # stopped during it; the stage's end is saved
-      stopped = True
-      results["stopped"] = stop_run(stop, run, ckpt)
+    stopped = results[f"after {stage.name}"] is None  # a stop during it; the stage end is saved
     stage_index += 1
 
   # --- the end ---------------------------------------------------------------------------------
   results["final_params"] = run.params
   if stopped:
+    results["stopped"] = preemption.stopped_run(stop.signum, run.global_step, ckpt)
     return results
   if config.export.at_end:
     export_now()
@@ -234,23 +205,6 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
     history = metrics_lib.read_history(writer.history_path)
     results["plot"] = metrics_lib.plot_history(history, os.path.join(workdir, "curves.png"))
   return results
-
-
-def stop_run(stop: preemption.StopRequest, run: RunState, ckpt: checkpoints.Checkpointer) -> dict:
-  """Waits for the checkpoint of the step just finished; what a stopped run reports."""
-  ckpt.wait()
-  saved = ckpt.latest_step() == run.global_step
-  name = signal.Signals(stop.signum).name
-  if saved:
-    logging.warning("%s: stopped after step %d, saved under %s/%d; run the same command to "
-                    "resume.", name, run.global_step, ckpt.directory, run.global_step)
-  elif not run.global_step:
-    logging.warning("%s: stopped before the first step; nothing to save.", name)
-  else:
-    logging.warning("%s: stopped after step %d without a checkpoint (checkpoint.every=0).",
-                    name, run.global_step)
-  return {"signal": name, "step": run.global_step, "saved": saved,
-          "exit_code": preemption.exit_code(stop.signum)}
 
 
 def main(argv):

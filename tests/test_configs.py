@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from metaphorstar_jax import config_defaults as common, evaluate, rl, train
-from metaphorstar_jax.training import evaluation, objective as objective_lib
+from metaphorstar_jax.training import evaluation_setup, objective as objective_lib
 from metaphorstar_jax.tasks import get_task
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -42,7 +42,7 @@ def test_there_are_configs():
 def test_config_builds_valid_objectives(path, smoke):
   config = load(path, smoke)
   objective_lib.build_objective(config)
-  evaluation.sampling_config(config)
+  evaluation_setup.sampling_config(config)
   get_task(config.data.task, **dict(config.data.task_options))
   assert config.stages, "a config needs at least one stage"
   for stage in config.stages:
@@ -94,7 +94,7 @@ def test_metaphorstar_numbers(size):
   assert config.model.remat and not config.model.freeze_vision  # §1.4
   assert (config.eval.every, config.checkpoint.every, config.checkpoint.keep) == (5, 5, 3)
   assert config.data.task == "tfq" and get_task("tfq").options.format_weight == 0.5  # §1.6
-  sampling = evaluation.sampling_config(config)
+  sampling = evaluation_setup.sampling_config(config)
   assert (sampling.greedy, sampling.temperature, sampling.top_p) == (False, 0.5, 0.9)  # §1.8
   assert config.judge.model == "gpt-4o-2024-11-20" and config.judge.repeats >= 3  # §1.8
   assert (config.judge.temperature, config.judge.top_p) == (0.0, 0.9)  # §1.8

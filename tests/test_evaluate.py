@@ -17,6 +17,7 @@ from metaphorstar_jax.models import qwen2_5_vl
 from metaphorstar_jax.sampling import Sampler
 from metaphorstar_jax.tasks import get_task, load_records, write_miniature
 from metaphorstar_jax.training import builders, checkpoints, evaluation, evaluation_report
+from metaphorstar_jax.training import evaluation_setup
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -132,13 +133,13 @@ def test_trainer_call_with_repeats_averages_the_metrics():
   model = builders.build_model(config, mesh)
   task, _, records = builders.load_data(config)
   _, params = nnx.split(model)
-  greedy = Sampler(model, evaluation.sampling_config(config, "greedy"), mesh=mesh)
+  greedy = Sampler(model, evaluation_setup.sampling_config(config, "greedy"), mesh=mesh)
   with pytest.raises(ValueError, match="identical runs"):
     evaluation.run_evaluation(config, params, sampler=greedy, processor=processor, task=task,
                               records=records, num_samples=2, write=False)
 
   config.eval.temperature, config.eval.top_p = 1.0, 1.0
-  sampled = evaluation.sampling_config(config, "validation")
+  sampled = evaluation_setup.sampling_config(config, "validation")
   assert (sampled.greedy, sampled.temperature) == (False, 1.0)
   sampler = Sampler(model, sampled, mesh=mesh)
   result = evaluation.run_evaluation(config, params, sampler=sampler, processor=processor,
@@ -188,18 +189,18 @@ def test_osq_is_graded_by_the_judge_and_resumes_from_its_cache(tmp_path, monkeyp
                                   "cinema_7b.py", "tfq_grpo_7b.py"])
 def test_validation_sampling_samples_and_its_settings_are_overridable(name):
   config = train_config(name, smoke=False)
-  sampling = evaluation.sampling_config(config, "validation")
+  sampling = evaluation_setup.sampling_config(config, "validation")
   assert not sampling.greedy and sampling.temperature > 0
   config.eval.temperature = 0.7  # a declared field: the command-line override works
-  assert evaluation.sampling_config(config, "validation").temperature == 0.7
+  assert evaluation_setup.sampling_config(config, "validation").temperature == 0.7
 
 
 def test_repeats_of_greedy_decoding_are_refused_naming_the_cause():
   config = train_config("rewardmap_7b.py", smoke=False)
   config.eval.temperature = 0.0
-  sampling = evaluation.sampling_config(config, "validation")
+  sampling = evaluation_setup.sampling_config(config, "validation")
   with pytest.raises(ValueError, match="eval.temperature resolves to 0"):
-    evaluation.check_repeats(3, sampling)
+    evaluation_setup.check_repeats(3, sampling)
 
 
 def test_evaluation_skips_and_counts_what_training_would_skip(tmp_path):

@@ -42,6 +42,19 @@ def build_model(config, mesh) -> qwen2_5_vl.Qwen2_5_VL:
   return nnx.merge(graphdef, state)
 
 
+def run_model_config(config) -> qwen2_5_vl.Qwen2_5_VLConfig:
+  """The architecture a run trained: `model.hf_path`'s config.json, else `model.preset`."""
+  m = config.model
+  runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=False)
+  if not m.hf_path:
+    return qwen2_5_vl.preset(m.preset, **runtime)
+  if not os.path.exists(os.path.join(m.hf_path, "config.json")):
+    raise FileNotFoundError(f"The run started from model.hf_path={m.hf_path!r}, which has no "
+                            "config.json on this machine; its config and tokenizer files are "
+                            "part of the export. Make that checkpoint folder available here.")
+  return qwen2_5_vl.from_json_file(m.hf_path, **runtime)
+
+
 def check_vocabulary(model, processor) -> None:
   vocab = processor.tokenizer.get_vocab_size(with_added_tokens=True)
   if vocab > model.config.text.vocab_size:

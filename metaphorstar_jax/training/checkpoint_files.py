@@ -37,6 +37,15 @@ def checkpoint_location(path: str) -> tuple[str, str]:
                           "(holding checkpoints/) or a checkpoints folder.")
 
 
+def checkpoint_step(checkpoint: str, step: int | None = None) -> tuple[str, str, int]:
+  """(Orbax folder, run folder, step) of `checkpoint` (see checkpoint_location): `step`, else
+  the step a step's folder names, else the latest saved (see resolve_step)."""
+  manager_dir, run_dir = checkpoint_location(checkpoint)
+  if step is None and os.path.basename(os.path.abspath(checkpoint)).isdigit():
+    step = int(os.path.basename(os.path.abspath(checkpoint)))
+  return manager_dir, run_dir, resolve_step(manager_dir, step)
+
+
 def saved_steps(directory: str) -> list[int]:
   """The steps with a finished checkpoint under the Orbax folder `directory`, ascending; [] when
   there is none (or no such folder). Never creates anything."""

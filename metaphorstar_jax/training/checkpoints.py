@@ -29,7 +29,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from metaphorstar_jax.training.checkpoint_files import (  # noqa: F401  (named here for callers)
-    ITEMS, CheckpointError, SavedArrays, checkpoint_location, resolve_step, saved_steps)
+    ITEMS, CheckpointError, SavedArrays, checkpoint_location, checkpoint_step, resolve_step,
+    saved_steps)
 from metaphorstar_jax.training.checksums import array_summaries
 from metaphorstar_jax.training.resumption import Resumption  # noqa: F401  (named here for callers)
 

@@ -2,10 +2,9 @@
 open-ended tasks), repeats and their spread, and the results written as JSON and Markdown.
 
 `run_evaluation` is what `python -m metaphorstar_jax.evaluate` runs; the trainer's periodic
-evaluation calls `evaluate_records` with its own sampler, records and the config's eval settings
-(`sampling_config`, `check_repeats`, `make_judge`), so both score the same way.
-
-The results files are `evaluation_report`'s.
+evaluation (`trainer_evaluation`) calls `evaluate_records` with its own sampler and records and
+the config's eval settings (evaluation_setup: sampling, repeats, judge), so both score the same
+way. The results files are `evaluation_report`'s.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -25,19 +25,14 @@ from flax import nnx
 
 from metaphorstar_jax import judge as judge_lib
 from metaphorstar_jax import redaction
-from metaphorstar_jax import rl
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.pipeline import Example, collate, screen_records
 from metaphorstar_jax.models import qwen2_5_vl
-from metaphorstar_jax.sampling import Sampler, SamplingConfig
+from metaphorstar_jax.sampling import Sampler
 from metaphorstar_jax.tasks import Record, Task
 from metaphorstar_jax.training import builders, checkpoints
-from metaphorstar_jax.training.checkpoints import checkpoint_location
 from metaphorstar_jax.training.evaluation_report import markdown_report, write_results
-
-SAMPLING_MODES = ("greedy", "validation")
-JUDGED_TASKS = ("tfq_osq",)  # tasks whose headline metric is an LLM judge's grade
-
+from metaphorstar_jax.training.evaluation_setup import check_repeats, make_judge, sampling_config
 
 # --- what to evaluate ---------------------------------------------------------------------------
 
@@ -48,15 +43,8 @@ def restore_policy(config, checkpoint: str, mesh, step: int | None = None):
   the shardings the mesh rules give, so a 32B evaluation needs no memory for Adam's moments.
   `checkpoint` may name one step's folder, which then picks the step when `step` is None.
   """
-  manager_dir, _ = checkpoint_location(checkpoint)
-  if step is None and os.path.basename(os.path.abspath(checkpoint)).isdigit():
-    step = int(os.path.basename(os.path.abspath(checkpoint)))
-  step = checkpoints.resolve_step(manager_dir, step)
-  m = config.model
-  runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=False)
-  model_config = (qwen2_5_vl.from_json_file(m.hf_path, **runtime) if m.hf_path
-                  else qwen2_5_vl.preset(m.preset, **runtime))
-  graphdef, state = nnx.split(qwen2_5_vl.abstract_model(model_config))
+  manager_dir, _, step = checkpoints.checkpoint_step(checkpoint, step)
+  graphdef, state = nnx.split(qwen2_5_vl.abstract_model(builders.run_model_config(config)))
   shardings = nnx.to_pure_dict(sharding_lib.parameter_shardings(state, mesh))
   target = {"params": jax.tree.map(
       lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
@@ -70,22 +58,6 @@ def restore_policy(config, checkpoint: str, mesh, step: int | None = None):
   nnx.replace_by_pure_dict(state, restored["arrays"]["params"])
   logging.info("Restored the params of step %d from %s.", step, manager_dir)
   return nnx.merge(graphdef, state), step
-
-
-def sampling_config(config, mode: str | None = None) -> SamplingConfig:
-  """Evaluation sampling: "greedy", or "validation" (config.eval.temperature/top_p when set,
-  else the RL preset's validation values); None picks greedy iff config.eval.greedy."""
-  mode = mode or ("greedy" if config.eval.greedy else "validation")
-  if mode not in SAMPLING_MODES:
-    raise ValueError(f"Sampling mode {mode!r} is not one of {SAMPLING_MODES}.")
-  unset = lambda value, fallback: fallback if value is None else value  # base_config's None
-  max_new_tokens = int(unset(config.eval.max_new_tokens, config.rl.max_new_tokens))
-  rollout = rl.preset(config.rl.preset).rollout
-  temperature = float(unset(config.eval.temperature, rollout.val_temperature))
-  top_p = float(unset(config.eval.top_p, rollout.val_top_p))
-  if mode == "greedy" or temperature == 0:
-    return SamplingConfig(max_new_tokens=max_new_tokens, greedy=True)
-  return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
 
 
 # --- generating and scoring ---------------------------------------------------------------------
@@ -157,18 +129,6 @@ def mean_over_repeats(repeats: Sequence[Mapping[str, float]]) -> tuple[dict, dic
   return means, stds
 
 
-def check_repeats(num_samples: int, sampling: SamplingConfig) -> None:
-  if num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-  if num_samples > 1 and sampling.greedy:
-    raise ValueError(
-        f"num_samples={num_samples} with greedy decoding gives {num_samples} identical runs. "
-        "Decoding is greedy with --sampling=greedy, with config.eval.greedy=True and no "
-        "--sampling, and also with --sampling=validation when config.eval.temperature resolves "
-        "to 0 (at -1 it takes the RL preset's validation temperature, 0 for grpo and dapo): "
-        "sample with --sampling=validation and --config.eval.temperature=T > 0.")
-
-
 def evaluate_records(task: Task, records: Sequence[Record], processor, sampler: Sampler,
                      params=None, *, batch_size: int, max_prompt_tokens: int,
                      num_samples: int = 1, seed: int = 0, judge: judge_lib.Judge | None = None,
@@ -205,22 +165,23 @@ def evaluate_records(task: Task, records: Sequence[Record], processor, sampler: 
           "num_scored": len(records), "skipped": dict(skipped)}
 
 
-def make_judge(config, task: Task, output_dir: str | None) -> tuple[judge_lib.Judge | None, str]:
-  """(judge or None, why): a judge for judged tasks when one is configured."""
-  if task.name not in JUDGED_TASKS:
-    return None, "not needed"
-  if jax.process_index() != 0:
-    return None, "asked by process 0 only"
-  values = dict(config.judge.to_dict()) if "judge" in config else {}
-  if not values.get("cache_path") and output_dir:
-    values["cache_path"] = os.path.join(output_dir, "judge_cache.jsonl")
-  judge_config = judge_lib.JudgeConfig.resolve(values)
-  if not judge_config.configured:
-    logging.warning("Task %s is graded by an LLM judge, but none is configured (config.judge or "
-                    "%s/%s); reporting only the rule-based metrics.", task.name,
-                    judge_lib.ENV_URL, judge_lib.ENV_MODEL)
-    return None, "not configured"
-  return judge_lib.Judge(judge_config), f"{judge_config.model} at {judge_config.base_url}"
+def trainer_evaluation(config, model, mesh, task: Task, records: Sequence[Record], processor
+                       ) -> Callable[[Any, Callable[[], bool]], dict[str, float]]:
+  """The trainer's periodic evaluation on `records`, with the evaluation CLI's sampling settings,
+  repeats and judge: `evaluate(params, should_stop)` returns the metrics (mean over repeats) of
+  the policy `params`, or raises EvaluationStopped (see `generate`). Its sampler keeps no weights
+  (the trainer's updates donate them), so every call passes the current ones."""
+  sampler = Sampler(model, sampling_config(config), mesh=mesh, keep_weights=False)
+  check_repeats(config.eval.num_samples, sampler.config)
+  judge, _ = make_judge(config, task, os.path.join(config.workdir, "eval"))
+
+  def evaluate(params, should_stop: Callable[[], bool]) -> dict[str, float]:
+    return evaluate_records(task, records, processor, sampler, params,
+                            batch_size=config.eval.batch_size,
+                            max_prompt_tokens=config.data.max_prompt_tokens,
+                            num_samples=config.eval.num_samples, seed=config.seed, judge=judge,
+                            should_stop=should_stop)["metrics"]
+  return evaluate
 
 
 # --- one evaluation ----------------------------------------------------------------------------
@@ -235,13 +196,13 @@ def run_evaluation(config: ml_collections.ConfigDict, params=None, *,
                    write: bool = True, progress: bool | None = None) -> dict:
   """Evaluates a policy on the config's evaluation records; returns (and writes) the results.
 
-  Whatever is not passed is built from `config`: pass `sampler`, `processor`, `task`, `records`
-  and `params` (an nnx.State for the sampler's graph) from a training loop, so that periodic
-  evaluation compiles nothing new; from the command line only `config` and where the weights
-  are (`checkpoint` + `step`, or `hf_path`; neither: a random `model.preset`).
+  Whatever is not passed is built from `config`: the command line gives only `config` and where
+  the weights are (`checkpoint` + `step`, or `hf_path`; neither: a random `model.preset`); pass a
+  `sampler` with its `processor` and `params` (an nnx.State for its graph) to evaluate weights in
+  memory without compiling anew. The trainer's periodic evaluation is `trainer_evaluation`.
 
   Args:
-    num_samples: completions per record (default config.eval.num_samples, else 1).
+    num_samples: completions per record (default config.eval.num_samples).
     sampling: "greedy" or "validation" when the sampler is built here (see `sampling_config`).
     judge: the OSQ judge; None builds one from config.judge / the environment when the task
       needs it.
@@ -265,7 +226,7 @@ def run_evaluation(config: ml_collections.ConfigDict, params=None, *,
                  f"checkpoint {checkpoint}" if checkpoint else
                  f"hf {config.model.hf_path}" if config.model.hf_path else
                  f"random preset {config.model.preset}")
-  run_dir = checkpoint_location(checkpoint)[1] if checkpoint else config.workdir
+  run_dir = checkpoints.checkpoint_location(checkpoint)[1] if checkpoint else config.workdir
   task = task or builders.eval_task(config)
 
   if sampler is None:

@@ -63,19 +63,6 @@ def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def run_model_config(config) -> qwen2_5_vl.Qwen2_5_VLConfig:
-  """The architecture a run trained: `model.hf_path`'s config.json, else `model.preset`."""
-  m = config.model
-  runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=False)
-  if not m.hf_path:
-    return qwen2_5_vl.preset(m.preset, **runtime)
-  if not os.path.exists(os.path.join(m.hf_path, "config.json")):
-    raise FileNotFoundError(f"The run started from model.hf_path={m.hf_path!r}, which has no "
-                            "config.json on this machine; its config and tokenizer files are "
-                            "part of the export. Make that checkpoint folder available here.")
-  return qwen2_5_vl.from_json_file(m.hf_path, **runtime)
-
-
 def uses_hf_tokenizer(config) -> bool:
   """Whether the run's tokenizer (and processor files) came from `model.hf_path`."""
   return bool(config.model.hf_path) and config.model.tokenizer not in ("small", "qwen")
@@ -256,12 +243,9 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, step: int | None = None,
   Returns:
     `write_hf_checkpoint`'s summary plus "step" and "checkpoint" (the Orbax folder).
   """
-  manager_dir, run_dir = checkpoints.checkpoint_location(checkpoint)
-  if step is None and os.path.basename(os.path.abspath(checkpoint)).isdigit():
-    step = int(os.path.basename(os.path.abspath(checkpoint)))
-  step = checkpoints.resolve_step(manager_dir, step)
+  manager_dir, run_dir, step = checkpoints.checkpoint_step(checkpoint, step)
   config = load_run_config(run_dir)
-  model_config = run_model_config(config)
+  model_config = builders.run_model_config(config)
   write_side_files = side_file_writer(config)
   saved = checkpoints.SavedArrays(manager_dir, step)
   keys = lambda entry: ("params",) + tuple(str(k) for k in entry.path)

@@ -75,3 +75,38 @@ class StopRequest:
     if after_step and checkpointer.reached_preemption(step) and self.signum is None:
       self.signum = int(signal.SIGTERM)  # JAX's notice; Orbax saw it on every process
     return self.signum is not None
+
+
+def stopped_run(signum: int, step: int, checkpointer) -> dict:
+  """Waits for the checkpoint of global step `step`, the last one run; what a run stopped by
+  `signum` reports (train's results["stopped"]): the signal, the step, whether it is saved, and
+  the exit code."""
+  checkpointer.wait()
+  saved = checkpointer.latest_step() == step
+  name = signal.Signals(signum).name
+  if saved:
+    logging.warning("%s: stopped after step %d, saved under %s/%d; run the same command to "
+                    "resume.", name, step, checkpointer.directory, step)
+  elif not step:
+    logging.warning("%s: stopped before the first step; nothing to save.", name)
+  else:
+    logging.warning("%s: stopped after step %d without a checkpoint (checkpoint.every=0).",
+                    name, step)
+  return {"signal": name, "step": step, "saved": saved, "exit_code": exit_code(signum)}
+
+
+# --- fault injection for the resumption tests (config.debug; 0: never) --------------------------
+
+def signal_mid_step(debug, step: int) -> None:
+  """SIGTERM to process 0 during global step `step` when debug.signal_at_step names it: a
+  pre-emption of one host, which the others must follow."""
+  if step == debug.signal_at_step and jax.process_index() == 0:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def kill_after_checkpoint(debug, step: int, checkpointer) -> None:
+  """SIGKILL once the checkpoint of global step `step` is on disk, when
+  debug.kill_after_checkpoint names it: a pre-emption with no warning."""
+  if step == debug.kill_after_checkpoint:
+    checkpointer.wait()
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -34,6 +34,25 @@ def restore_into(run: RunState, restored: dict) -> None:
     nnx.replace_by_pure_dict(run.ref_params, restored["ref_params"])
 
 
+def save_run(checkpointer, run: RunState, data_state, stage_name: str, run_record: dict) -> None:
+  """Checkpoints global step `run.global_step`: the run's arrays, the data stream's state
+  `data_state`, where the run is (stage and step, for `resume_run`) and `run_record`."""
+  checkpointer.save(run.global_step, checkpoint_arrays(run), data_state,
+                    {"stage_index": run.stage_index, "stage_step": run.stage_step,
+                     "global_step": run.global_step, "stage": stage_name,
+                     "kl_coef": run.kl_coef}, run_record)
+
+
+def resume_run(run: RunState, restored: tuple[Any, dict, dict], stream) -> None:
+  """Puts a restored step (Resumption.restore's (arrays, data state, meta)) back into `run` and
+  the data `stream`."""
+  arrays, data_state, meta = restored
+  restore_into(run, arrays)
+  stream.set_state(data_state)
+  run.stage_step, run.global_step = meta["stage_step"], meta["global_step"]
+  run.kl_coef = float(meta.get("kl_coef", run.kl_coef))  # absent from older checkpoints
+
+
 def check_updates(run: RunState, max_consecutive_nonfinite: int, checkpointer) -> None:
   """Stops the run (FloatingPointError naming the step and the newest checkpoint) once
   `max_consecutive_nonfinite` optimizer updates in a row had NaN or inf gradients.

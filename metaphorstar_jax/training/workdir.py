@@ -169,6 +169,18 @@ def run_record(config, data_fingerprint: dict) -> dict:
           "data": data_fingerprint}
 
 
+def find_resumption(config, checkpointer, record: dict) -> checkpoints.Resumption | None:
+  """The saved step a run resumes from (checkpoint.step, else the newest that restores), once
+  check_resume accepts the config; None for a fresh run or an empty checkpoint folder. `record`
+  is the current run's `run_record`."""
+  if not config.checkpoint.resume:
+    return None
+  resume = checkpoints.Resumption.find(checkpointer, config.checkpoint.step)
+  if resume:
+    check_resume(resume.record, config, record["data"], resume.step)
+  return resume
+
+
 def check_resume(saved: dict, config, data_fingerprint: dict, step: int) -> None:
   """Refuses to resume step `step` (ValueError naming each field, saved and current value) when
   a field of RESUME_FIELDS or the data fingerprint differs from the run that saved it, unless

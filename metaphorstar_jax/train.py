@@ -27,10 +27,9 @@ from flax import nnx
 from metaphorstar_jax import config_files, planning
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.pipeline import PromptStream
-from metaphorstar_jax.training import builders, checkpoints, evaluation, grpo, hf_export
-from metaphorstar_jax.training import learner as learner_lib
-from metaphorstar_jax.training import metrics as metrics_lib, preemption, sft, terminal
-from metaphorstar_jax.training import validation
+from metaphorstar_jax.training import (builders, checkpoints, evaluation, grpo, hf_export,
+                                       preemption, sft, terminal, validation)
+from metaphorstar_jax.training import learner as learner_lib, metrics as metrics_lib
 from metaphorstar_jax.training import workdir as workdir_lib
 from metaphorstar_jax.training.objective import draw_size
 from metaphorstar_jax.training.state import (RunState, check_updates, checkpoint_arrays,
@@ -84,11 +83,7 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
   graphdef, params = nnx.split(model)
   evaluate = evaluation.trainer_evaluation(config, model, mesh, task, eval_records, processor)
   # The history keeps the rows up to the restored step (none when nothing is restored).
-  writer = metrics_lib.MetricsWriter(workdir, total_steps=sum(s.steps for s in config.stages),
-                                     use_tensorboard=config.log.tensorboard,
-                                     wandb_project=config.log.wandb_project or None,
-                                     config=config.to_dict(), progress_bar=config.log.progress_bar,
-                                     resume_step=resume.step if resume else 0)
+  writer = metrics_lib.MetricsWriter.for_run(config, resume_step=resume.step if resume else 0)
   cleanup.callback(writer.close)
   run = RunState(params=params, opt_state=None, ref_params=None, global_step=0, stage_index=0,
                  stage_step=0)
@@ -123,10 +118,8 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
     learner = learner_lib.build_learner(config, stage, model, graphdef, run.params, task,
                                         processor, mesh)
     learner_lib.start_stage(run, learner, stage_index)
-    stage_records = (sft.load_sft_records(task, stage.sft_data, os.path.join(workdir, "data"),
-                                          config.seed)
-                     if sft.reads_records(stage) else train_records)
-    stream = PromptStream(stage_records, processor, task.build_conversation,
+    stream = PromptStream(sft.stage_records(config, stage, task, train_records), processor,
+                          task.build_conversation,
                           batch_size=draw_size(learner.config, stage, learner.objective),
                           seed=config.seed + stage_index, shuffle=task.shuffle,
                           max_prompt_tokens=config.data.max_prompt_tokens,
@@ -137,10 +130,8 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
       if found is None:  # the newest step that restores is in an earlier stage
         stage_index = resume.meta["stage_index"]
         continue
-      resume_run(run, found, stream)
+      resume_run(run, found, stream)  # and say so
       writer.rewind(run.global_step)  # when an older step restored than the one first tried
-      logging.info("Resumed stage %s at its step %d (global %d).", stage.name, run.stage_step,
-                   run.global_step)
       resume = None
     elif stage.kind == "grpo":
       previous = f"after {config.stages[stage_index - 1].name}" if stage_index else None
@@ -159,10 +150,8 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
       ckpt.check()  # a background save that failed stops the run here, naming its step
       batch = stream.next_batch()
       preemption.signal_mid_step(config.debug, run.global_step + 1)
-      if stage.kind == "sft":
-        step_metrics = sft.step(learner, run, batch)
-      else:
-        step_metrics = grpo.step(learner, run, batch, next_batch=stream.next_batch)
+      step_metrics = (sft.step(learner, run, batch) if stage.kind == "sft" else
+                      grpo.step(learner, run, batch, next_batch=stream.next_batch))
       run.stage_step += 1
       run.global_step += 1
       step_metrics["data/skipped"] = sum(stream.skipped.values())
@@ -202,8 +191,8 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
   ckpt.close()
   writer.close()
   if config.log.plot:
-    history = metrics_lib.read_history(writer.history_path)
-    results["plot"] = metrics_lib.plot_history(history, os.path.join(workdir, "curves.png"))
+    results["plot"] = metrics_lib.plot_history(metrics_lib.read_history(writer.history_path),
+                                               os.path.join(workdir, "curves.png"))
   return results
 
 

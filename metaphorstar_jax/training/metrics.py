@@ -100,6 +100,15 @@ class MetricsWriter:
   W&B starts a new run at each start, whose steps begin after the restored one.
   """
 
+  @classmethod
+  def for_run(cls, config, resume_step: int = 0) -> MetricsWriter:
+    """The writer of the run `config` (its workdir, total steps and config.log), keeping the
+    history up to `resume_step`."""
+    return cls(config.workdir, total_steps=sum(s.steps for s in config.stages),
+               use_tensorboard=config.log.tensorboard,
+               wandb_project=config.log.wandb_project or None, config=config.to_dict(),
+               progress_bar=config.log.progress_bar, resume_step=resume_step)
+
   def __init__(self, workdir: str, *, total_steps: int, use_tensorboard: bool = True,
                wandb_project: str | None = None, config: Mapping | None = None,
                progress_bar: bool = True, resume_step: int | None = None):

@@ -4,6 +4,7 @@ cold start) or are built from `config.sft_targets` (a format-only warm start).""
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -27,6 +28,14 @@ def load_sft_records(task, path: str, scratch_dir: str, seed: int) -> list:
                      f"text (first: {missing[:3]}); supervised data needs the response to learn "
                      f"for every record, and the {task.name} reader must keep it.")
   return records
+
+
+def stage_records(config, stage, task, train_records) -> list:
+  """What `stage` draws its prompts from: an sft stage's `sft_data` (see load_sft_records),
+  else the run's training records."""
+  if not reads_records(stage):
+    return train_records
+  return load_sft_records(task, stage.sft_data, os.path.join(config.workdir, "data"), config.seed)
 
 
 def reads_records(stage) -> bool:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import jax
+from absl import logging
 from flax import nnx
 
 
@@ -45,12 +46,14 @@ def save_run(checkpointer, run: RunState, data_state, stage_name: str, run_recor
 
 def resume_run(run: RunState, restored: tuple[Any, dict, dict], stream) -> None:
   """Puts a restored step (Resumption.restore's (arrays, data state, meta)) back into `run` and
-  the data `stream`."""
+  the data `stream`, and logs where the run resumes."""
   arrays, data_state, meta = restored
   restore_into(run, arrays)
   stream.set_state(data_state)
   run.stage_step, run.global_step = meta["stage_step"], meta["global_step"]
   run.kl_coef = float(meta.get("kl_coef", run.kl_coef))  # absent from older checkpoints
+  logging.info("Resumed stage %s at its step %d (global %d).", meta["stage"], run.stage_step,
+               run.global_step)
 
 
 def check_updates(run: RunState, max_consecutive_nonfinite: int, checkpointer) -> None:

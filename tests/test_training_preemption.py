@@ -40,3 +40,29 @@ def test_outside_the_main_thread_nothing_is_installed(caplog):
     thread.join()
   assert found == [(before, None)]
   assert "outside the main thread" in caplog.text
+
+
+class Checkpointer:
+  directory = "/runs/x/checkpoints"
+
+  def __init__(self, latest):
+    self.latest, self.waited = latest, False
+
+  def wait(self):
+    self.waited = True
+
+  def latest_step(self):
+    return self.latest
+
+
+def test_a_stopped_run_reports_its_signal_step_and_whether_that_step_is_saved(caplog):
+  saved = Checkpointer(latest=4)
+  with caplog.at_level(logging.WARNING):
+    report = preemption.stopped_run(signal.SIGTERM, 4, saved)
+  assert saved.waited  # the step's save is on disk before the report says so
+  assert report == {"signal": "SIGTERM", "step": 4, "saved": True, "exit_code": 143}
+  assert "saved under /runs/x/checkpoints/4" in caplog.text
+  assert preemption.stopped_run(signal.SIGINT, 6, Checkpointer(latest=4))["saved"] is False
+  assert "without a checkpoint (checkpoint.every=0)" in caplog.text
+  assert preemption.stopped_run(signal.SIGINT, 0, Checkpointer(latest=None))["exit_code"] == 130
+  assert "before the first step; nothing to save" in caplog.text

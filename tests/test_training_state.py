@@ -63,3 +63,36 @@ def test_check_updates_stops_the_run_once_updates_stay_non_finite():
     state_lib.check_updates(run_state(notfinite_count=2), 2, FakeCheckpointer(5))
   with pytest.raises(FloatingPointError, match="no checkpoint was saved"):
     state_lib.check_updates(run_state(notfinite_count=3), 2, FakeCheckpointer(None))
+
+
+class RecordingCheckpointer:
+  def save(self, step, arrays, data_state, meta, run_record):
+    self.saved = (step, arrays, data_state, meta, run_record)
+
+
+class Stream:
+  state = None
+
+  def set_state(self, state):
+    self.state = state
+
+
+def test_what_save_run_records_resume_run_puts_back(caplog):
+  run = run_state()
+  run.kl_coef = 0.25
+  checkpointer = RecordingCheckpointer()
+  state_lib.save_run(checkpointer, run, {"position": 5}, "grpo", {"config": {}})
+  step, arrays, data_state, meta, record = checkpointer.saved
+  assert step == 7 and record == {"config": {}} and data_state == {"position": 5}
+  assert meta == {"stage_index": 1, "stage_step": 3, "global_step": 7, "stage": "grpo",
+                  "kl_coef": 0.25}
+  fresh, stream = run_state(), Stream()
+  fresh.global_step, fresh.stage_step, fresh.kl_coef = 0, 0, 0.0
+  with caplog.at_level("INFO"):
+    state_lib.resume_run(fresh, (arrays, data_state, meta), stream)
+  assert (fresh.global_step, fresh.stage_step, fresh.kl_coef) == (7, 3, 0.25)
+  assert stream.state == {"position": 5}
+  assert "Resumed stage grpo at its step 3 (global 7)" in caplog.text
+  del meta["kl_coef"]  # a checkpoint from before the adaptive controller keeps the stage's
+  state_lib.resume_run(fresh, (arrays, data_state, meta), stream)
+  assert fresh.kl_coef == 0.25

@@ -94,3 +94,36 @@ def test_a_lock_held_by_a_process_that_exited_unreaped_is_taken_over(tmp_path, c
   finally:
     exited.wait()
 
+
+
+class SavedRun:
+  """A checkpoint folder holding steps 2 and 5 of the run whose record is `record`."""
+
+  directory = "runs/x/checkpoints"
+
+  def __init__(self, record, steps=(2, 5)):
+    self.record, self.steps = record, list(steps)
+
+  def all_steps(self):
+    return self.steps
+
+  def restore_meta(self, step):
+    return {"stage_index": 0, "stage_step": step, "global_step": step}
+
+  def restore_run_record(self, step):
+    return self.record
+
+
+def test_find_resumption_picks_the_newest_or_the_asked_step_of_an_unchanged_run():
+  config = run_config()
+  record = wd.run_record(config, FINGERPRINT)
+  assert wd.find_resumption(config, SavedRun(record, steps=()), record) is None  # nothing saved
+  assert wd.find_resumption(config, SavedRun(record), record).step == 5
+  config.checkpoint.step = 2
+  assert wd.find_resumption(config, SavedRun(record), record).step == 2
+  config.checkpoint.resume = False  # a fresh run reads no checkpoint at all
+  assert wd.find_resumption(config, None, record) is None
+  config.checkpoint.resume = True
+  config.seed += 1
+  with pytest.raises(ValueError, match=r"saved step 2 in runs/x .*seed: saved 0, now 1"):
+    wd.find_resumption(config, SavedRun(record), wd.run_record(config, FINGERPRINT))

@@ -65,13 +65,9 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
   # --- data, checkpoints and the step to resume: a changed config is refused before the model --
   processor = builders.build_processor(config)
   task, train_records, eval_records = builders.load_data(config)
-  logging.info("Task %s: %d training and %d evaluation records.", task.name, len(train_records),
-               len(eval_records))
   run_record = workdir_lib.run_record(config, {"train_records": len(train_records),
                                                "eval_records": len(eval_records)})
-  ckpt = cleanup.enter_context(checkpoints.Checkpointer(
-      os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
-      async_save=config.checkpoint.async_save))
+  ckpt = cleanup.enter_context(checkpoints.Checkpointer.for_run(config))
   resume = workdir_lib.find_resumption(config, ckpt, run_record)
   workdir_lib.write_run_config(config)  # once the config is accepted
 

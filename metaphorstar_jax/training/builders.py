@@ -7,6 +7,7 @@ import os
 
 import jax
 import ml_collections
+from absl import logging
 from flax import nnx
 
 from metaphorstar_jax import data
@@ -93,7 +94,10 @@ def load_data(config):
                                       seed=config.seed, miniature=d.miniature,
                                       split=task_io.TRAIN_SPLITS)
   train_records = task.order(train_records, config.seed)
-  return task, train_records, eval_records(config, eval_task(config), scratch)[0]
+  held_out = eval_records(config, eval_task(config), scratch)[0]
+  logging.info("Task %s: %d training and %d evaluation records.", task.name, len(train_records),
+               len(held_out))
+  return task, train_records, held_out
 
 
 def frozen_patterns(config) -> tuple[str, ...]:

@@ -42,6 +42,12 @@ class Checkpointer:
   error is already on its way out, a second one from closing is logged rather than hiding it.
   """
 
+  @classmethod
+  def for_run(cls, config) -> Checkpointer:
+    """The checkpoints of the run `config`: workdir/checkpoints, as config.checkpoint says."""
+    return cls(os.path.join(config.workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
+               async_save=config.checkpoint.async_save)
+
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
     # Orbax's array writer wants absolute paths; a relative workdir means the current directory.
     if "://" not in directory:

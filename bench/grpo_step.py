@@ -173,7 +173,7 @@ class OurTrainer:
         keep_weights=False)
     tx = builders.stage_optimizer(config, config.stages[0], params)
     steps = step_lib.TrainSteps(graphdef, tx, objective.loss, temperature=objective.temperature,
-                                logit_chunk=config.train.logit_chunk)
+                                logit_chunk=config.train.logit_chunk, mesh=self.mesh)
     self.learner = learner_lib.Learner(config, config.stages[0], objective, steps, sampler, task,
                                        processor, self.mesh)
     self.run = RunState(params=params, opt_state=step_lib.init_optimizer_state(tx, params),

@@ -7,6 +7,7 @@ that an axis does not divide is replicated along it instead, and the reason is l
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 
@@ -151,3 +152,25 @@ def row_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
   """The sharding `place_rows` gives an array of `shape`: rows over the batch axes if they
   divide, else replicated."""
   return NamedSharding(mesh, fit_spec(P(BATCH_AXES), shape, mesh))
+
+
+def activations_on(mesh: Mesh | None):
+  """A context in which functions traced lay out their activations on `mesh` (`constrain_rows`);
+  no-op without one. Used inside jitted functions, around the model's forward pass."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def constrain_rows(x):
+  """`x` with its leading axis (rows, or the ViT's packed patches) split over the batch axes of the
+  mesh being traced under (`activations_on`); unchanged outside one.
+
+  Left to propagation alone, XLA replicated the ViT's packed patches on every chip (they come from
+  replicated pixel values) and some of the decoder's MLP activations: 4× the work and memory on a
+  4-chip slice.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, fit_spec(P(BATCH_AXES), x.shape, mesh))

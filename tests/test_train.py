@@ -174,7 +174,7 @@ def test_update_compiles_once_and_keeps_the_placement_over_three_steps():
   # XLA would return some replicated vectors as P() or even fsdp-sharded: a recompile per change.
   assert jax.tree.leaves(jax.tree.map(lambda a: a.sharding, params)) == jax.tree.leaves(placement)
   assert steps._compiled_apply._cache_size() == 1
-  assert steps._compiled_grpo_grads._cache_size() == 1
+  assert steps._compiled_grads["grpo_grads"]._cache_size() == 1
 
 
 def test_scoring_only_the_used_completion_columns_changes_nothing():

@@ -46,7 +46,7 @@ def test_scored_columns_keep_chunked_logits_in_whole_chunks():
 def sft_inputs(model, lengths):
   batch = tiny_batch(model.config)
   sampler = Sampler(model, SamplingConfig(max_new_tokens=5))
-  rollouts = sampler(batch, group_size=2, key=jax.random.key(0))
+  rollouts = sampler(batch, group_size=len(lengths) // 2, key=jax.random.key(0))
   tokens = np.asarray(rollouts.tokens_BN)
   return SequenceBatch(*sampler.prepare(batch), tokens, mask_of(lengths, tokens.shape[1]))
 
@@ -104,3 +104,40 @@ def test_optimizer_state_is_laid_out_like_the_parameters():
   assert adam.mu["bias"].sharding == params["bias"].sharding
   # The step count has no parameter's shape: replicated over the parameters' mesh.
   assert adam.count.sharding.mesh == mesh and adam.count.sharding.spec == PartitionSpec()
+
+
+def test_activations_split_by_rows_only_under_the_traced_mesh():
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
+
+  def doubled(x):
+    with sharding.activations_on(mesh):
+      return sharding.constrain_rows(x * 2)
+
+  on_mesh = lambda shape: jax.device_put(jnp.ones(shape), NamedSharding(mesh, PartitionSpec()))
+  out = jax.jit(doubled)(on_mesh((8, 3)))  # replicated in, rows split out
+  assert out.sharding.is_equivalent_to(rows, 2)
+  uneven = jax.jit(doubled)(on_mesh((6, 3)))  # 6 rows do not split over 8 devices
+  assert uneven.sharding.is_fully_replicated
+  assert sharding.constrain_rows(jnp.ones((8, 3))).sharding.is_fully_replicated  # no mesh: as is
+
+
+def test_gradients_on_a_mesh_are_laid_out_like_the_parameters_and_equal_one_devices():
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=11)
+  seq = sft_inputs(model, [5, 2, 0, 3, 1, 4, 5, 2])
+  steps, params, _ = make_steps(model)
+  want, _ = steps.sft_grads(params, seq, 7.0)
+  placement = sharding.parameter_shardings(params, mesh)
+  on_mesh = step_lib.TrainSteps(steps.graphdef, steps.tx, steps.loss_config, temperature=1.0,
+                                mesh=mesh)
+  place = lambda a: sharding.place_rows(a, mesh)
+  seq = seq._replace(prompt_ids_PT=place(seq.prompt_ids_PT),
+                     prompt_mask_PT=place(seq.prompt_mask_PT),
+                     completion_BN=place(seq.completion_BN),
+                     completion_mask_BN=place(seq.completion_mask_BN))
+  grads, _ = on_mesh.sft_grads(jax.device_put(params, placement), seq, 7.0)
+  # Unpinned, XLA returned the gradients replicated once the activations were split by rows.
+  assert jax.tree.leaves(jax.tree.map(lambda g: g.sharding, grads)) == jax.tree.leaves(placement)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from metaphorstar_jax import rl
 from metaphorstar_jax import sharding as sharding_lib
@@ -157,30 +157,23 @@ class Sampler:
 
   # --- traced functions --------------------------------------------------------------------
 
-  def _constrain_rows(self, x):
-    """Rows over the batch axes of the mesh, when there is one and they divide."""
-    if self.mesh is None:
-      return x
-    spec = sharding_lib.fit_spec(PartitionSpec(sharding_lib.BATCH_AXES), x.shape, self.mesh)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
-
   def _prefill_fn(self, state, input_ids_PT, attention_mask_PT, pixel_values_XY, image_grid_thw_I3,
                   *, group_size: int, new_tokens: int):
     self.compiled_programs += 1
     model = nnx.merge(self.graphdef, state)
     num_prompts = input_ids_PT.shape[0]
     cache_dtype = jnp.dtype(self.config.cache_dtype or model.config.compute_dtype)
-    hidden_PTD, prompt_cache, prompt_valid_PT, next_position_P = model.prefill(
-        input_ids_PT, attention_mask_PT, pixel_values_XY, image_grid_thw_I3,
-        cache_dtype=cache_dtype)
-    logits_PV = model.logits(hidden_PTD[:, -1]).astype(jnp.float32)
-
-    tile = lambda a: self._constrain_rows(jnp.repeat(a, group_size, axis=0))
-    return dict(prompt_cache=jax.tree.map(self._constrain_rows, prompt_cache),
-                prompt_valid=self._constrain_rows(prompt_valid_PT),
-                cache=jax.tree.map(self._constrain_rows, model.init_cache(
-                    num_prompts * group_size, new_tokens, cache_dtype)),
-                logits=tile(logits_PV), next_position=tile(next_position_P))
+    with sharding_lib.activations_on(self.mesh):  # rows over the batch axes, where they divide
+      hidden_PTD, prompt_cache, prompt_valid_PT, next_position_P = model.prefill(
+          input_ids_PT, attention_mask_PT, pixel_values_XY, image_grid_thw_I3,
+          cache_dtype=cache_dtype)
+      logits_PV = model.logits(hidden_PTD[:, -1]).astype(jnp.float32)
+      rows = sharding_lib.constrain_rows
+      tile = lambda a: rows(jnp.repeat(a, group_size, axis=0))
+      return dict(prompt_cache=jax.tree.map(rows, prompt_cache), prompt_valid=rows(prompt_valid_PT),
+                  cache=jax.tree.map(rows, model.init_cache(num_prompts * group_size, new_tokens,
+                                                            cache_dtype)),
+                  logits=tile(logits_PV), next_position=tile(next_position_P))
 
   def _decode_fn(self, state, carry, key, budget_B):
     self.compiled_programs += 1

@@ -41,7 +41,7 @@ def build_learner(config, stage, model, graphdef, params, task, processor, mesh)
   steps = step_lib.TrainSteps(graphdef, stage_optimizer(config, stage, params), objective.loss,
                               temperature=objective.temperature,
                               logit_chunk=config.train.logit_chunk,
-                              frozen=frozen_patterns(config))
+                              frozen=frozen_patterns(config), mesh=mesh)
   return Learner(staged, stage, objective, steps, sampler, task, processor, mesh)
 
 

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metaphorstar_jax import rl
+from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.training import optimizer
 from metaphorstar_jax.training.policy import SequenceBatch, completion_logprobs
 
@@ -40,20 +41,20 @@ class TrainSteps:
 
   def __init__(self, graphdef, tx: optax.GradientTransformation, loss_config: rl.LossConfig, *,
                temperature: float, logit_chunk: int = 0, completion_buckets: int = 8,
-               frozen: tuple[str, ...] = ()):
+               frozen: tuple[str, ...] = (), mesh: Mesh | None = None):
     """`frozen`: regexes of the parameter paths the optimizer freezes (optimizer.make_optimizer);
-    the reported grad_norm leaves them out, as the clipping does."""
+    the reported grad_norm leaves them out, as the clipping does. `mesh`: the run's mesh, on which
+    the forward pass lays out its activations (`sharding.constrain_rows`)."""
     self.graphdef = graphdef
+    self.mesh = mesh
     self.frozen = tuple(frozen)
     self.tx = tx
     self.loss_config = loss_config
     self.temperature = temperature
     self.logit_chunk = logit_chunk
     self.completion_buckets = completion_buckets
-    static = dict(static_argnames=("columns",))
-    self._compiled_grpo_grads = jax.jit(self._grpo_grads, **static)
-    self._compiled_sft_grads = jax.jit(self._sft_grads, **static)
-    self._compiled_logprobs = jax.jit(self._logprobs, **static)
+    self._compiled_grads = None  # built on the first gradient, pinned to the params' shardings
+    self._compiled_logprobs = jax.jit(self._logprobs, static_argnames=("columns",))
     self._compiled_apply = None  # built on the first `apply`, pinned to its inputs' shardings
     self.accumulate = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
 
@@ -74,14 +75,14 @@ class TrainSteps:
   def grpo_grads(self, params, seq: SequenceBatch, advantages_B, old_logprobs_BN,
                  ref_logprobs_BN, sampler_logprobs_BN, loss_mask_BN, token_count, seq_count):
     """Gradient of the policy loss on one micro-batch (a pytree like params), and its metrics."""
-    return self._compiled_grpo_grads(
+    return self._gradient_programs(params)["grpo_grads"](
         params, seq, advantages_B, old_logprobs_BN, ref_logprobs_BN, sampler_logprobs_BN,
         loss_mask_BN, token_count, seq_count,
         columns=self.scored_columns(seq.completion_mask_BN))
 
   def sft_grads(self, params, seq: SequenceBatch, token_count):
     """Gradient of the summed target-token NLL / `token_count`, and its metrics."""
-    return self._compiled_sft_grads(params, seq, token_count,
+    return self._gradient_programs(params)["sft_grads"](params, seq, token_count,
                                     columns=self.scored_columns(seq.completion_mask_BN))
 
   def logprobs(self, params, seq: SequenceBatch):
@@ -91,7 +92,7 @@ class TrainSteps:
 
   def compiled_update_programs(self) -> int:
     """How many programs the gradient, log-prob and update functions have compiled so far."""
-    compiled = [self._compiled_grpo_grads, self._compiled_sft_grads, self._compiled_logprobs,
+    compiled = [*(self._compiled_grads or {}).values(), self._compiled_logprobs,
                 self._compiled_apply]
     return sum(f._cache_size() for f in compiled if f is not None)
 
@@ -102,9 +103,10 @@ class TrainSteps:
     width = seq.completion_BN.shape[1]
     scored = seq._replace(completion_BN=seq.completion_BN[:, :columns],
                           completion_mask_BN=seq.completion_mask_BN[:, :columns])
-    logprobs_BN, entropy_BN = completion_logprobs(
-        model, scored, temperature=self.temperature, chunk_size=self.logit_chunk,
-        with_entropy=with_entropy)
+    with sharding_lib.activations_on(self.mesh):
+      logprobs_BN, entropy_BN = completion_logprobs(
+          model, scored, temperature=self.temperature, chunk_size=self.logit_chunk,
+          with_entropy=with_entropy)
     widen = lambda a_BN: jnp.pad(a_BN, ((0, 0), (0, width - columns)))
     return widen(logprobs_BN), widen(entropy_BN)
 
@@ -156,9 +158,19 @@ class TrainSteps:
           self._apply, donate_argnums=(0, 1),
           out_shardings=(jax.tree.map(lambda x: x.sharding, params),
                          optimizer_state_shardings(opt_state, params), None))
-    return {"grpo_grads": self._compiled_grpo_grads, "sft_grads": self._compiled_sft_grads,
-            "logprobs": self._compiled_logprobs, "accumulate": self.accumulate,
+    return {**self._gradient_programs(params), "logprobs": self._compiled_logprobs, "accumulate": self.accumulate,
             "apply": self._compiled_apply}
+
+  def _gradient_programs(self, params) -> dict[str, Any]:
+    """The GRPO and SFT gradient functions, returning gradients laid out like `params`. Left to
+    itself XLA returned them replicated (4x the bytes on a 4-chip slice) once the activations are
+    split by rows."""
+    if self._compiled_grads is None:
+      static = dict(static_argnames=("columns",),
+                    out_shardings=(jax.tree.map(lambda x: x.sharding, params), None))
+      self._compiled_grads = {"grpo_grads": jax.jit(self._grpo_grads, **static),
+                              "sft_grads": jax.jit(self._sft_grads, **static)}
+    return self._compiled_grads
 
   def _apply(self, params, opt_state, grads):
     """One optimizer update; a non-finite gradient leaves params and moments unchanged."""

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.models.qwen2_5_vl import layers
 from metaphorstar_jax.models.qwen2_5_vl.config import TextConfig
 
@@ -130,7 +131,7 @@ class TextModel(nnx.Module):
       layer_cache = None if cache is None else cache[i]
       layer_prefix = None if prefix is None else (prefix[0][i], prefix[1])
       run = layers.call_rematerialised if self.remat else lambda f, *a: f(*a)
-      x_BTD, layer_cache = run(layer, x_BTD, cos_BTH, sin_BTH, mask_BTS, layer_cache,
+      x_BTD, layer_cache = run(layer, sharding_lib.constrain_rows(x_BTD), cos_BTH, sin_BTH, mask_BTS, layer_cache,
                                cache_index, layer_prefix)
       new_cache.append(layer_cache)
     return self.norm(x_BTD), (None if cache is None else tuple(new_cache))

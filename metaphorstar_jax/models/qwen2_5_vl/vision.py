@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.models.qwen2_5_vl import layers, vision_attention
 from metaphorstar_jax.models.qwen2_5_vl.config import VisionConfig
 from metaphorstar_jax.models.qwen2_5_vl.positions import VisionLayout, vision_layout
@@ -119,6 +120,7 @@ class VisionTower(nnx.Module):
     window_block = (cfg.window_size // cfg.patch_size) ** 2
     full_blocks = set(cfg.fullatt_block_indexes)
     for i, block in enumerate(self.blocks):
+      x_XD = sharding_lib.constrain_rows(x_XD)  # patches split over the chips (see constrain_rows)
       segments_X, width = ((layout.frame_segments_X, 0) if i in full_blocks
                            else (layout.window_segments_X, window_block))
       if self.remat:  # the width picks the attention kind: a static argument

@@ -1,6 +1,7 @@
 """training/builders.py: the processor the config names, a seeded policy laid out by the mesh
-rules, a tokenizer that must fit the model, evaluation data under its own options and limit, and a stage's
-optimizer at the stage's rate with the vision tower frozen when asked."""
+rules, a tokenizer that must fit the model, evaluation data under its own options and limit (never
+the training records), and a stage's optimizer at the stage's rate with the vision tower frozen
+when asked."""
 
 import types
 
@@ -72,7 +73,7 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused():
 def test_evaluation_uses_its_own_task_options_records_and_limit(tmp_path):
   config = smoke_default_config(tmp_path)
   config.data.task_options = {"num_records": 12, "image_size": 56}
-  config.data.eval_task_options = {"num_records": 9, "image_size": 56}
+  config.data.eval_task_options = {"num_records": 9, "image_size": 56, "seed": 1}
   config.eval.num_examples = 5
   task, train_records, eval_records = builders.load_data(config)
   assert builders.eval_task(config).options.num_records == 9
@@ -82,6 +83,16 @@ def test_evaluation_uses_its_own_task_options_records_and_limit(tmp_path):
   assert builders.eval_task(config).options.num_records == 12
   eval_records = builders.eval_records(config, builders.eval_task(config), str(tmp_path))[0]
   assert len(eval_records) == 12
+
+
+def test_generated_evaluation_records_that_are_training_records_are_refused(tmp_path):
+  config = smoke_default_config(tmp_path)
+  config.data.task_options = {"num_records": 12, "image_size": 56}
+  config.data.eval_task_options = {"num_records": 9, "image_size": 56}  # the same seed, 0
+  config.eval.num_examples = 4
+  with pytest.raises(ValueError, match=r"4 of the 4 evaluation records are training records.*"
+                                       r"eval_task_options.seed"):
+    builders.load_data(config)
 
 
 def test_a_stages_optimizer_takes_its_rate_and_leaves_a_frozen_vision_tower_alone():

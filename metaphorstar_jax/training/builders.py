@@ -75,9 +75,9 @@ def eval_task(config) -> Task:
 
 
 def eval_records(config, task: Task, scratch_dir: str) -> tuple[list[Record], str]:
-  """(records, where they came from): data.eval, else the task's generated records (drawn with
-  another seed than the training ones), else the miniature data.miniature asks for; at most
-  eval.num_examples (<= 0: all)."""
+  """(records, where they came from): data.eval, else the task's generated records (drawn from
+  the evaluation task's options), else the miniature data.miniature asks for (written with
+  another seed than training's); at most eval.num_examples (<= 0: all)."""
   limit = int(config.eval.num_examples) if int(config.eval.num_examples) > 0 else None
   return load_or_generate(task, config.data.eval or None, limit=limit, scratch_dir=scratch_dir,
                           seed=config.seed + 1, miniature=config.data.miniature,
@@ -90,11 +90,17 @@ def load_data(config):
   d = config.data
   scratch = os.path.join(config.workdir, "data")
   task = get_task(d.task, **dict(d.task_options))
-  train_records, _ = load_or_generate(task, d.train or None, limit=None, scratch_dir=scratch,
-                                      seed=config.seed, miniature=d.miniature,
-                                      split=task_io.TRAIN_SPLITS)
+  train_records, train_source = load_or_generate(
+      task, d.train or None, limit=None, scratch_dir=scratch, seed=config.seed,
+      miniature=d.miniature, split=task_io.TRAIN_SPLITS)
   train_records = task.order(train_records, config.seed)
-  held_out = eval_records(config, eval_task(config), scratch)[0]
+  held_out, eval_source = eval_records(config, eval_task(config), scratch)
+  shared = {r.id for r in held_out} & {r.id for r in train_records}
+  if shared and train_source == eval_source == "generated":  # from the same task options
+    raise ValueError(f"{len(shared)} of the {len(held_out)} evaluation records are training "
+                     f"records (e.g. {sorted(shared)[0]!r}): task {task.name} generates both from "
+                     "the same options. Give evaluation its own, e.g. "
+                     "--config.data.eval_task_options.seed=1, or pass --config.data.eval.")
   logging.info("Task %s: %d training and %d evaluation records.", task.name, len(train_records),
                len(held_out))
   return task, train_records, held_out

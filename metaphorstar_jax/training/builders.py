@@ -13,6 +13,7 @@ from flax import nnx
 from metaphorstar_jax import data
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.models import qwen2_5_vl
+from metaphorstar_jax.models.qwen2_5_vl import splash_attention
 from metaphorstar_jax.tasks import Record, Task, get_task
 from metaphorstar_jax.tasks import io as task_io
 from metaphorstar_jax.tasks.records import load_or_generate
@@ -32,6 +33,7 @@ def build_processor(config) -> data.ChatProcessor:
 def build_model(config, mesh) -> qwen2_5_vl.Qwen2_5_VL:
   """The policy: loaded from `model.hf_path`, or a random `model.preset`, sharded over `mesh`."""
   m = config.model
+  logging.info(splash_attention.describe(mesh.devices.flat[0].platform))
   if m.hf_path:
     return qwen2_5_vl.from_pretrained(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype,
                                       mesh=mesh, remat=m.remat)

@@ -7,11 +7,13 @@ P prefix rows (prompts), G = B / P rows sharing each, A prefix keys.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metaphorstar_jax.models.qwen2_5_vl import blockwise_attention
+from metaphorstar_jax.models.qwen2_5_vl import blockwise_attention, splash_attention
 
 # Keys per block of the blockwise path, which attention takes once a head's score matrix would
 # exceed ATTENTION_BLOCK² entries (long prompts, training on long completions); decode steps and
@@ -21,6 +23,26 @@ ATTENTION_BLOCK = 512
 
 def _blockwise(queries: int, keys: int) -> bool:
   return queries * keys > ATTENTION_BLOCK * ATTENTION_BLOCK
+
+
+class CausalMask(NamedTuple):
+  """The decoder's mask, kept in its parts: query t sees key s when s <= first_slot + t and key s
+  is valid. Its structure is what a fused kernel needs; `dense` is the (B, T, S) form."""
+
+  kv_valid_BS: jax.Array
+  first_slot: jax.Array | int
+
+  def dense(self, T: int):
+    S = self.kv_valid_BS.shape[1]
+    causal_TS = jnp.arange(S)[None, :] <= self.first_slot + jnp.arange(T)[:, None]
+    return causal_TS[None] & self.kv_valid_BS[:, None, :]
+
+
+def _splash(mask, T: int, S: int) -> bool:
+  """Whether this attention runs the TPU kernel: a causal mask over the queries' own slots (T == S,
+  so it starts at slot 0), long enough for the blockwise path, traced for a TPU."""
+  return (isinstance(mask, CausalMask) and T == S and _blockwise(T, S)
+          and splash_attention.traced_platform() == "tpu")
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu,
                 "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -93,6 +115,8 @@ def inverse_frequencies(rotary_dim: int, theta: float):
 def attend(q_BTQH, k_BKSH, v_BKSH, mask_BTS, *, blockwise: bool | None = None):
   """Softmax attention with grouped kv heads; logits and softmax in fp32.
 
+  `mask_BTS`: a (B, T, S) array, or a `CausalMask`, which on TPU takes long sequences to the
+  fused kernel (`splash_attention.causal`).
   `blockwise`: walk the keys in blocks (`blockwise_attention`) instead of forming each head's
   (T × S) scores; None decides by size (see ATTENTION_BLOCK).
 
@@ -103,6 +127,10 @@ def attend(q_BTQH, k_BKSH, v_BKSH, mask_BTS, *, blockwise: bool | None = None):
   """
   B, T, Q, H = q_BTQH.shape
   K = k_BKSH.shape[1]
+  if blockwise is None and _splash(mask_BTS, T, k_BKSH.shape[2]):
+    return splash_attention.causal(q_BTQH, k_BKSH, v_BKSH, mask_BTS.kv_valid_BS)
+  if isinstance(mask_BTS, CausalMask):
+    mask_BTS = mask_BTS.dense(T)
   if blockwise if blockwise is not None else _blockwise(T, k_BKSH.shape[2]):
     out_BTQH, _ = blockwise_attention.attention_with_lse(q_BTQH, k_BKSH, v_BKSH, mask_BTS,
                                                          ATTENTION_BLOCK)
@@ -125,11 +153,17 @@ def attend_after_prefix(q_BTQH, k_BKSH, v_BKSH, mask_BTS, prefix_k_PKAH, prefix_
 
   Matches `attend` on the prefix tiled G times and put before the own keys, up to rounding (the
   softmax is split in two with a shared max and sum), without reading each shared prompt's keys
-  G times: in group sampling that read was most of attention's cost.
+  G times: in group sampling that read was most of attention's cost. `mask_BTS` (own keys) may
+  be a `CausalMask`, as in `attend` (TPU: `splash_attention.after_prefix`).
   """
   B, T, Q, H = q_BTQH.shape
   P, K, A, _ = prefix_k_PKAH.shape
   G, R = B // P, Q // K
+  if _splash(mask_BTS, T, k_BKSH.shape[2]):
+    return splash_attention.after_prefix(q_BTQH, k_BKSH, v_BKSH, mask_BTS.kv_valid_BS,
+                                         prefix_k_PKAH, prefix_v_PKAH, prefix_mask_PA)
+  if isinstance(mask_BTS, CausalMask):
+    mask_BTS = mask_BTS.dense(T)
   if _blockwise(T, A + k_BKSH.shape[2]):
     own = blockwise_attention.attention_with_lse(q_BTQH, k_BKSH, v_BKSH, mask_BTS,
                                                  ATTENTION_BLOCK)

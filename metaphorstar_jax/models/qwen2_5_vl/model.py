@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from metaphorstar_jax.models.qwen2_5_vl import layers
 from metaphorstar_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from metaphorstar_jax.models.qwen2_5_vl.positions import rope_index
 from metaphorstar_jax.models.qwen2_5_vl.text import TextModel, init_cache
@@ -86,9 +87,8 @@ class Qwen2_5_VL(nnx.Module):
     if position_ids_3BT is None:
       position_ids_3BT, _ = self.position_ids(input_ids_BT, attention_mask_BT, image_grid_thw_I3)
     x_BTD = self.embed(input_ids_BT, pixel_values_XY, image_grid_thw_I3, vision_layout)
-    causal_TT = jnp.tril(jnp.ones((T, T), bool))
-    mask_BTS = causal_TT[None] & (jnp.asarray(attention_mask_BT) > 0)[:, None, :]
-    hidden_BTD, _ = self.language_model(x_BTD, position_ids_3BT, mask_BTS)
+    mask = layers.CausalMask(jnp.asarray(attention_mask_BT) > 0, 0)
+    hidden_BTD, _ = self.language_model(x_BTD, position_ids_3BT, mask)
     return hidden_BTD
 
   def init_cache(self, batch: int, length: int, dtype=None):
@@ -112,11 +112,8 @@ class Qwen2_5_VL(nnx.Module):
     Returns:
       Hidden states (B, T, D) and the updated cache.
     """
-    T, S = x_BTD.shape[1], kv_valid_BS.shape[1]
-    slot_S = jnp.arange(S)
-    query_slot_T = cache_index + jnp.arange(T)
-    mask_BTS = (slot_S[None, :] <= query_slot_T[:, None])[None] & kv_valid_BS[:, None, :]
-    return self.language_model(x_BTD, position_ids_3BT, mask_BTS, cache, cache_index, prefix)
+    mask = layers.CausalMask(kv_valid_BS, cache_index)
+    return self.language_model(x_BTD, position_ids_3BT, mask, cache, cache_index, prefix)
 
   def prefill(self, input_ids_BT, attention_mask_BT, pixel_values_XY=None,
               image_grid_thw_I3=None, *, cache_dtype=None):

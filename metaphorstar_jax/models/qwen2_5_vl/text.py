@@ -117,7 +117,8 @@ class TextModel(nnx.Module):
     Args:
       x_BTD: input embeddings.
       position_ids_3BT: M-RoPE ids.
-      mask_BTS: True where query t may attend key s (S = T without a cache, the cache length with).
+      mask_BTS: True where query t may attend key s (S = T without a cache, the cache length with):
+        a (B, T, S) array, or a `layers.CausalMask`, which lets long sequences take a fused kernel.
       cache: optional per-layer KV cache from `init_cache`, written at `cache_index`.
       prefix: optional (per-layer cache of P rows, mask_PA): keys all rows attend before their
         own, each prefix row shared by B / P adjacent rows; read, never written.

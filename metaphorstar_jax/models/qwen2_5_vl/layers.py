@@ -38,6 +38,11 @@ class CausalMask(NamedTuple):
     return causal_TS[None] & self.kv_valid_BS[:, None, :]
 
 
+def _dense(mask, T: int):
+  """The (B, T, S) form of a mask given as an array or a `CausalMask`."""
+  return mask.dense(T) if isinstance(mask, CausalMask) else mask
+
+
 def _splash(mask, T: int, S: int) -> bool:
   """Whether this attention runs the TPU kernel: a causal mask over the queries' own slots (T == S,
   so it starts at slot 0), long enough for the blockwise path, traced for a TPU."""
@@ -129,8 +134,7 @@ def attend(q_BTQH, k_BKSH, v_BKSH, mask_BTS, *, blockwise: bool | None = None):
   K = k_BKSH.shape[1]
   if blockwise is None and _splash(mask_BTS, T, k_BKSH.shape[2]):
     return splash_attention.causal(q_BTQH, k_BKSH, v_BKSH, mask_BTS.kv_valid_BS)
-  if isinstance(mask_BTS, CausalMask):
-    mask_BTS = mask_BTS.dense(T)
+  mask_BTS = _dense(mask_BTS, T)
   if blockwise if blockwise is not None else _blockwise(T, k_BKSH.shape[2]):
     out_BTQH, _ = blockwise_attention.attention_with_lse(q_BTQH, k_BKSH, v_BKSH, mask_BTS,
                                                          ATTENTION_BLOCK)
@@ -162,8 +166,7 @@ def attend_after_prefix(q_BTQH, k_BKSH, v_BKSH, mask_BTS, prefix_k_PKAH, prefix_
   if _splash(mask_BTS, T, k_BKSH.shape[2]):
     return splash_attention.after_prefix(q_BTQH, k_BKSH, v_BKSH, mask_BTS.kv_valid_BS,
                                          prefix_k_PKAH, prefix_v_PKAH, prefix_mask_PA)
-  if isinstance(mask_BTS, CausalMask):
-    mask_BTS = mask_BTS.dense(T)
+  mask_BTS = _dense(mask_BTS, T)
   if _blockwise(T, A + k_BKSH.shape[2]):
     own = blockwise_attention.attention_with_lse(q_BTQH, k_BKSH, v_BKSH, mask_BTS,
                                                  ATTENTION_BLOCK)

@@ -60,11 +60,15 @@ def _block_sizes() -> splash.BlockSizes:
                            use_fused_bwd_kernel=True)
 
 
+def _mqa_kernel(mask, R: int, interpret: bool):
+  """The multi-query kernel for one kv head's R query heads, all under `mask`."""
+  return splash.make_splash_mqa(masks.MultiHeadMask([mask] * R), block_sizes=_block_sizes(),
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
 @functools.lru_cache(maxsize=None)
 def _causal_kernel(Tp: int, R: int, interpret: bool):
-  mask = masks.MultiHeadMask([masks.CausalMask((Tp, Tp))] * R)
-  return splash.make_splash_mqa(mask, block_sizes=_block_sizes(), head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
+  return _mqa_kernel(masks.CausalMask((Tp, Tp)), R, interpret)
 
 
 def _shared_prompt_mask(Ap: int, G: int, Tp: int) -> np.ndarray:
@@ -75,9 +79,7 @@ def _shared_prompt_mask(Ap: int, G: int, Tp: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _after_prefix_kernel(Ap: int, G: int, Tp: int, R: int, interpret: bool):
-  mask = masks.NumpyMask(_shared_prompt_mask(Ap, G, Tp))
-  return splash.make_splash_mqa(masks.MultiHeadMask([mask] * R), block_sizes=_block_sizes(),
-                                head_shards=1, q_seq_shards=1, interpret=interpret)
+  return _mqa_kernel(masks.NumpyMask(_shared_prompt_mask(Ap, G, Tp)), R, interpret)
 
 
 def _pad_axis(x, axis: int, length: int):

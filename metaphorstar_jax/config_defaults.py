@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Form LM-head logits this many completion tokens at a time (0: all at once), each chunk
       # recomputed in the backward pass: (rows × 2048 × 152k) fp32 logits never exist at once.
       logit_chunk=128,
+      # Encode and prefill the generation batch this many prompts at a time (0: all at once);
+      # decoding still runs every rollout together. Must divide the generation batch.
+      prefill_chunk=0,
   ))
   config.optim = ml_collections.ConfigDict(dict(
       schedule="constant", final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8,
@@ -174,6 +177,10 @@ def base_config() -> ml_collections.ConfigDict:
   # verbose: also print libraries' INFO lines (Orbax, grain); their warnings always show.
   config.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb_project="",
                                               progress_bar=True, plot=True, verbose=False))
+  # Each chip's memory, as the compiler is told it (training/memory_budget.py): on TPU every
+  # program may use the chip's memory less `hbm_headroom` of it less the state kept outside the
+  # program (optimizer moments, reference, accumulator); it is refused at compile time otherwise.
+  config.memory = ml_collections.ConfigDict(dict(hbm_headroom=0.2))
   # The ahead-of-time plan (python -m metaphorstar_jax.plan): `check_fit` makes train compile
   # every program first and refuse a step that cannot fit; worst-case prompts carry
   # `images_per_prompt` square images of `image_pixels` (unset: image.max_pixels).
@@ -206,7 +213,7 @@ SMOKE_SIZE_FIELDS = (
     "data.miniature",  # a data source, like the paths: the smoke run's synthetic records
     "rl.group_size", "rl.max_new_tokens", "rl.overrides.overlong_buffer_len",
     "train.prompts_per_step", "train.gen_prompts_per_step", "train.num_minibatches",
-    "train.grad_accum_steps", "train.logit_chunk",
+    "train.grad_accum_steps", "train.logit_chunk", "train.prefill_chunk",
     "eval.every", "eval.num_examples", "eval.max_new_tokens",
     "checkpoint.every",
     "stages.*.steps", "stages.*.warmup_steps", "stages.*.prompts_per_step",
@@ -235,7 +242,7 @@ SMOKE_GROUP_SIZE = 2
 def make_smoke(config: ml_collections.ConfigDict) -> None:
   """Shrinks any config to a few seconds on a laptop CPU, keeping every switch that picks code.
 
-  remat, dtypes, freeze_vision, logit_chunk, KL placement, tree rollouts and the mini-batch /
+  remat, dtypes, freeze_vision, logit_chunk, prefill_chunk, KL placement, tree rollouts and the mini-batch /
   micro-batch structure (num_minibatches > 1 and grad_accum_steps > 1 where the config has them)
   stay as configured; only SMOKE_SIZE_FIELDS shrink, and SMOKE_SWITCHES_OFF say what cannot run
   (each logged).
@@ -255,6 +262,8 @@ def make_smoke(config: ml_collections.ConfigDict) -> None:
   config.train.gen_prompts_per_step = None
   if config.train.logit_chunk > 0:  # still chunked: a chunk below the smoke completions' length
     config.train.logit_chunk = min(config.train.logit_chunk, SMOKE_NEW_TOKENS // 2)
+  if config.train.prefill_chunk > 0:  # still chunked: two chunks of the smoke batch
+    config.train.prefill_chunk = max(1, prompts // 2)
   config.rl.group_size = SMOKE_GROUP_SIZE
   config.rl.max_new_tokens = SMOKE_NEW_TOKENS
   config.rl.overrides = _smoke_overrides(config.rl.overrides)
@@ -369,6 +378,8 @@ def tfq_grpo(size: str, *, grad_accum_steps: int, smoke: bool = False) -> ml_col
   config.train.num_minibatches = 2  # §1.4: actor global_batch_size 32 of the 64 prompts
   # Memory only: the loss normaliser spans the whole mini-batch.
   config.train.grad_accum_steps = grad_accum_steps
+  # Memory only: the rollout encodes and prefills 8 prompts at a time (README "Will it fit?").
+  config.train.prefill_chunk = 8
 
   config.optim.schedule = "constant"  # §1.4
   config.optim.weight_decay = 1e-2  # §1.4

@@ -28,7 +28,7 @@ from metaphorstar_jax import config_files, planning
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.pipeline import PromptStream
 from metaphorstar_jax.training import (builders, checkpoints, evaluation, grpo, hf_export,
-                                       preemption, sft, terminal, validation)
+                                       memory_budget, preemption, sft, terminal, validation)
 from metaphorstar_jax.training import learner as learner_lib, metrics as metrics_lib
 from metaphorstar_jax.training import workdir as workdir_lib
 from metaphorstar_jax.training.objective import draw_size
@@ -112,7 +112,8 @@ def _train(config, stop: preemption.StopRequest, cleanup: contextlib.ExitStack) 
     stage = config.stages[stage_index]
     run.global_step = sum(s.steps for s in config.stages[:stage_index])
     learner = learner_lib.build_learner(config, stage, model, graphdef, run.params, task,
-                                        processor, mesh)
+                                        processor, mesh,
+                                        memory_per_chip=memory_budget.chip_memory(mesh))
     learner_lib.start_stage(run, learner, stage_index)
     stream = PromptStream(sft.stage_records(config, stage, task, train_records), processor,
                           task.build_conversation,

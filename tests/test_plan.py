@@ -22,7 +22,7 @@ from metaphorstar_jax.sampling import Sampler, SamplingConfig
 from metaphorstar_jax.training import step as step_lib
 
 PROGRAM_FIELDS = {"name", "stage", "shapes", "runs_per_step", "arguments", "outputs", "aliased",
-                  "temporaries", "peak", "flops", "bytes_accessed", "compile_seconds",
+                  "temporaries", "peak", "budget", "flops", "bytes_accessed", "compile_seconds",
                   "seconds_estimate"}
 
 
@@ -71,6 +71,7 @@ def test_small_plan_on_v5e_4_has_every_field():
                                                    "accumulate", "apply"}
   for row in plan["programs"]:
     assert PROGRAM_FIELDS <= set(row), (row["name"], PROGRAM_FIELDS - set(row))
+    assert 0 < row["peak"] <= 0.8 * plan["memory_per_chip"] and row["budget"] > 0
     assert row["flops"] > 0 and row["bytes_accessed"] > 0 and row["seconds_estimate"] > 0
     assert row["peak"] > row["arguments"] > 0
   state = plan["state_per_chip"]
@@ -80,6 +81,31 @@ def test_small_plan_on_v5e_4_has_every_field():
   assert plan["peak_per_chip"] == max(r["peak"] for r in plan["programs"])
   table = planning.markdown(plan)
   assert "| grpo_grads | grpo |" in table and "fits" in table
+
+
+def test_each_program_is_compiled_within_its_budget():
+  # The budget reaches the compiler: told half of what the gradient used, it must refuse (naming
+  # the budget) or fit in it; the bytes left outside are the Adam moments, reference, accumulator.
+  config = planned_config("tiny")
+  target = planning.resolve_target("v5e-4")
+  memory = target.chip.memory_bytes
+  plan = planning.make_plan(config, target, only=("grpo_grads",))
+  grads, = plan["programs"]
+  state = plan["state_per_chip"]
+  outside = state["optimizer_state"] + state["reference"] + state["gradient_accumulator"]
+  assert grads["budget"] == int(memory * (1 - config.memory.hbm_headroom) - outside)
+  used = grads["arguments"] + grads["outputs"] - grads["aliased"] + grads["temporaries"]
+  assert "error" not in grads and used <= grads["budget"]
+  config.memory.hbm_headroom = 1 - (outside + used / 2) / memory
+  tight = planning.make_plan(config, target, only=("grpo_grads",))
+  squeezed, = tight["programs"]
+  assert abs(squeezed["budget"] - used / 2) <= 1
+  if "error" in squeezed:
+    assert f"of {squeezed['budget'] // 2**20:.2f}M hbm" in squeezed["error"]
+    assert "--config.memory.hbm_headroom=" in planning.refusal(tight)
+  else:  # rematerialised to fit
+    assert (squeezed["arguments"] + squeezed["outputs"] - squeezed["aliased"] +
+            squeezed["temporaries"]) <= squeezed["budget"] < used
 
 
 def oversized_config():

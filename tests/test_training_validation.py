@@ -51,6 +51,9 @@ BAD_VALUES = [
     ("stages.1.prompts_per_step", -1, r"stages\[1\]\.prompts_per_step=-1"),
     ("debug.signal_at_step", -1, r"debug\.signal_at_step=-1"),
     ("plan.images_per_prompt", -1, r"plan\.images_per_prompt=-1"),
+    ("memory.hbm_headroom", 1.0, r"memory\.hbm_headroom=1\.0.*\[0, 1\)"),
+    ("memory.hbm_headroom", -0.1, r"memory\.hbm_headroom=-0\.1"),
+    ("train.prefill_chunk", -1, r"train\.prefill_chunk=-1"),
 ]
 
 
@@ -90,6 +93,15 @@ def test_a_split_that_does_not_divide_names_the_stage_and_the_parts():
   config.train.prompts_per_step, config.train.num_minibatches = 6, 4
   with pytest.raises(ValueError, match=r"prompts_per_step \(stage grpo\)=6.* 4 parts"):
     validation.check_config(config)
+
+
+def test_a_prefill_chunk_that_does_not_divide_the_generation_batch_is_refused():
+  config = base()
+  config.train.prompts_per_step, config.train.prefill_chunk = 6, 4
+  with pytest.raises(ValueError, match=r"prefill_chunk \(stage grpo\)=4.* 6 prompts"):
+    validation.check_config(config)
+  config.train.prefill_chunk = 3
+  validation.check_config(config)
 
 
 def test_one_rollout_per_prompt_warns_that_there_is_no_baseline(caplog):

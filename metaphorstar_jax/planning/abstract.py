@@ -39,18 +39,6 @@ def with_shardings(tree, shardings):
                       tree, shardings)
 
 
-def bytes_on(tree, device) -> int:
-  """Bytes of the arrays of `tree` (ShapeDtypeStructs or arrays with shardings) on `device`."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    index = x.sharding.devices_indices_map(tuple(x.shape)).get(device)
-    if index is None:
-      continue
-    shard = [len(range(*s.indices(d))) for s, d in zip(index, x.shape)]
-    total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
-  return total
-
-
 @dataclasses.dataclass(frozen=True)
 class ImageShape:
   """The images of one worst-case prompt."""

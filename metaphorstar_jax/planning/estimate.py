@@ -15,7 +15,8 @@ from jax.sharding import Mesh
 
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.models import qwen2_5_vl
-from metaphorstar_jax.planning.abstract import Layout, bytes_on, model_config, with_shardings
+from metaphorstar_jax.planning.abstract import Layout, model_config, with_shardings
+from metaphorstar_jax.training.memory_budget import bytes_on, outside_bytes
 from metaphorstar_jax.planning.programs import Program, compile_program, stage_programs
 from metaphorstar_jax.planning.report import DoesNotFit, markdown, suggestions
 from metaphorstar_jax.planning.targets import Chip, Target, local_target
@@ -47,7 +48,10 @@ def make_plan(config, target: Target, only: Sequence[str] = (),
     if stopped:
       break
     state: dict[str, Any] = {"params": params}
-    programs = stage_programs(config, stage, model, params, layout, state)
+    # A GPU run has no per-program budget; its TPU stand-in is compiled without one too.
+    programs = stage_programs(config, stage, model, params, layout, state,
+                              None if target.temporaries_estimated else target.chip.memory_bytes)
+    accumulates = any(p.name == "accumulate" for p in programs)
     if wanted:
       programs = [p for p in programs if p.name in wanted]
     for program in programs:
@@ -59,7 +63,7 @@ def make_plan(config, target: Target, only: Sequence[str] = (),
           program.args = program.args()
       logging.info("Compiling %s (%s) for %s ...", program.name, stage.name, target.compiled_for)
       compile_program(program, device)
-      if program.name.endswith("_grads"):
+      if program.name.endswith("_grads") and accumulates:
         state["accumulator"] = program.outputs[0]
       if program.name == "prefill":
         state["kv_cache"] = (program.outputs["prompt_cache"], program.outputs["cache"])
@@ -79,9 +83,7 @@ def _peak(program: Program, sizes: dict) -> float | None:
   """Bytes on a chip while `program` runs: the resident state it does not take as an argument,
   plus its arguments, its outputs that do not reuse a donated argument, and its temporaries."""
   r = program.result
-  resident = sum(sizes.get(k, 0) for k in ("params", "opt_state", "reference"))
-  outside = resident - sum(sizes.get(k, 0) for k in program.resident_args if k != "accumulator")
-  outside += sum(sizes.get(k, 0) for k in program.extra_resident)
+  outside = outside_bytes(program.name, sizes)
   if "temporaries" not in r:
     return (outside + r["program_bytes"]) if r.get("program_bytes") else None
   return outside + r["arguments"] + r["outputs"] - r["aliased"] + r["temporaries"]
@@ -110,7 +112,7 @@ def _summarise(config, target: Target, mesh: Mesh, device, stages, parameter_cou
       if r["peak"] is not None and r["peak"] > peak[0]:
         peak = (r["peak"], f"{p.name} ({stage.name})")
       rows.append(dict(name=p.name, stage=stage.name, shapes=p.shapes,
-                       runs_per_step=p.runs_per_step, **r))
+                       runs_per_step=p.runs_per_step, budget=p.budget, **r))
       if p.name.endswith("_grads"):  # 6·params·tokens per micro-batch, prompts counted once
         tokens = p.shapes["P"] * p.shapes["T"] + p.shapes["B"] * p.shapes["N"]
         model_flops = max(model_flops, 6.0 * parameter_count * tokens * p.runs_per_step)
@@ -124,7 +126,8 @@ def _summarise(config, target: Target, mesh: Mesh, device, stages, parameter_cou
                   logit_chunk=int(config.train.logit_chunk),
                   prompts_per_step=int(config.train.prompts_per_step),
                   num_minibatches=int(config.train.num_minibatches),
-                  grad_accum_steps=int(config.train.grad_accum_steps)),
+                  grad_accum_steps=int(config.train.grad_accum_steps),
+                  hbm_headroom=float(config.memory.hbm_headroom)),
       topology=target.name, compiled_for=target.compiled_for, chips=chips, chip=chip.name,
       chip_source=chip.source, mesh={k: int(v) for k, v in mesh.shape.items()},
       memory_per_chip=chip.memory_bytes, parameters=parameter_count,

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metaphorstar_jax.planning.abstract import (Layout, bytes_on, prompt_images, sequence_batch,
-                                                with_shardings)
+from metaphorstar_jax.planning.abstract import Layout, prompt_images, sequence_batch, with_shardings
 from metaphorstar_jax.training import batching, learner as learner_lib, objective as objective_lib
 from metaphorstar_jax.training import step as step_lib
+from metaphorstar_jax.training.memory_budget import bytes_on
 
 
 @dataclasses.dataclass
@@ -33,15 +33,12 @@ class Program:
   kwargs: dict
   shapes: dict
   runs_per_step: int
-  # Resident state that is also an argument of this program (not to be counted twice), and
-  # state resident only while this program runs (the gradient accumulator of later micro-batches).
-  resident_args: tuple[str, ...] = ()
-  extra_resident: tuple[str, ...] = ()
   phase: str = "update"  # 'rollout' or 'update' (for the roofline's actor MFU)
   result: dict = dataclasses.field(default_factory=dict)
   outputs: Any = None
   # The outputs' layout when the program does not compile (its shapes are known from lowering).
   assumed_outputs: Any = None
+  budget: int | None = None  # the bytes per chip it was compiled to fit (memory_budget)
 
 
 
@@ -91,12 +88,16 @@ def compile_program(program: Program, device) -> None:
 
 
 
-def stage_programs(config, stage, model, params, layout: Layout, state: dict) -> list[Program]:
+def stage_programs(config, stage, model, params, layout: Layout, state: dict,
+                   memory_per_chip: float | None) -> list[Program]:
   """The programs one stage runs, at its worst-case shapes; fills `state` with the resident
-  parts (opt_state, reference) it implies."""
-  # The stage's learner, exactly as train builds it (sampler, steps, recipe), on abstract params.
+  parts (opt_state, reference) it implies. `memory_per_chip` sets the programs' memory budgets
+  as train sets them (None: none)."""
+  # The stage's learner, exactly as train builds it (sampler, steps, recipe, memory budgets), on
+  # abstract params.
   learner = learner_lib.build_learner(config, stage, model, nnx.graphdef(model), params,
-                                      task=None, processor=None, mesh=layout.mesh)
+                                      task=None, processor=None, mesh=layout.mesh,
+                                      memory_per_chip=memory_per_chip)
   staged, objective, steps, sampler = (learner.config, learner.objective, learner.steps,
                                        learner.sampler)
   model_cfg = model.config
@@ -104,13 +105,10 @@ def stage_programs(config, stage, model, params, layout: Layout, state: dict) ->
   patch_dim = model_cfg.vision.patch_dim
   longest = int(staged.data.max_prompt_tokens)
   N = objective.max_new_tokens
-  abstract_opt = jax.eval_shape(steps.tx.init, params)
-  opt_state = with_shardings(abstract_opt,
-                             step_lib.optimizer_state_shardings(abstract_opt, params))
+  opt_state = step_lib.abstract_optimizer_state(steps.tx, params)
   programs_of_steps = steps.programs(params, opt_state)
   name = stage.name
-  uses_ref = stage.kind == "grpo" and (objective.loss.use_kl_loss or
-                                       objective.loss.use_kl_in_reward)
+  uses_ref = learner_lib.keeps_reference(stage, objective)
   state["opt_state"] = opt_state
   if uses_ref:
     state["reference"] = params
@@ -121,8 +119,6 @@ def stage_programs(config, stage, model, params, layout: Layout, state: dict) ->
     T, S, I = sampler.padded_sizes(longest, prompts * images.patches, prompts * images.images)
     return dict(P=prompts, G=per_prompt, B=prompts * per_prompt,
                 T=batching.prompt_width(T, longest), N=N, S=S if images.images else 0, I=I)
-
-  accumulator = ("accumulator",) if train_cfg.grad_accum_steps > 1 else ()
 
   def like_params(info):  # gradients laid out like the parameters, metrics replicated
     return (jax.tree.map(lambda o, p: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=p.sharding),
@@ -137,22 +133,25 @@ def stage_programs(config, stage, model, params, layout: Layout, state: dict) ->
       draws = [("", draws[0][1], t.num_roots, longest),
                (" (branches)", draws[0][1] * t.num_roots, t.branches, longest + N)]
     for suffix, prompts, per_prompt, tokens in draws:
-      T, S, I = sampler.padded_sizes(tokens, prompts * images.patches, prompts * images.images)
+      K = sampler.config.prefill_chunks(prompts)  # each chunk's images packed on their own
+      T, S, I = sampler.padded_sizes(tokens, prompts // K * images.patches,
+                                     prompts // K * images.images)
       S = S if images.images else 0
       B = prompts * per_prompt
-      pixels = layout.whole((S, patch_dim), jnp.float32) if S else None
-      grids = layout.whole((I, 3), jnp.int32) if S else None
-      shapes = dict(P=prompts, G=per_prompt, B=B, T=T, N=N, S=S, I=I)
+      chunked = (K,) if K > 1 else ()
+      pixels = layout.whole((*chunked, S, patch_dim), jnp.float32) if S else None
+      grids = layout.whole((*chunked, I, 3), jnp.int32) if S else None
+      shapes = dict(P=prompts, G=per_prompt, B=B, T=T, N=N, S=S, I=I, **(dict(K=K) if K > 1
+                                                                      else {}))
       prefill = Program(f"prefill{suffix}", name, sampler.programs()["prefill"],
                         (params, layout.rows((prompts, T), jnp.int32),
                          layout.rows((prompts, T), jnp.int32), pixels, grids),
-                        dict(group_size=per_prompt, new_tokens=N), shapes, 1,
-                        resident_args=("params",), phase="rollout",
+                        dict(group_size=per_prompt, new_tokens=N), shapes, 1, phase="rollout",
                         assumed_outputs=lambda info: jax.tree.map(  # the prefill's constraint
                             lambda o: layout.rows(o.shape, o.dtype), info))
       out.append(prefill)
       decode = Program(f"decode{suffix}", name, sampler.programs()["decode"], None, {}, shapes,
-                       1, resident_args=("params",), phase="rollout")
+                       1, phase="rollout")
       # The decode loop's carry is the prefill's output plus per-row state; built once the
       # prefill has compiled (its output shardings are the loop's input shardings).
       decode.args = lambda prefilled, B=B: (params, dict(
@@ -170,7 +169,7 @@ def stage_programs(config, stage, model, params, layout: Layout, state: dict) ->
     kw = dict(columns=N)
     if scorings:
       out.append(Program("logprobs", name, programs_of_steps["logprobs"], (params, seq), kw,
-                         shapes, parts * scorings, resident_args=("params",)))
+                         shapes, parts * scorings))
     B = shapes["B"]
     per_token = lambda: layout.rows((B, N), jnp.float32)
     count = layout.whole((), jnp.float32, weak_type=True)
@@ -179,8 +178,7 @@ def stage_programs(config, stage, model, params, layout: Layout, state: dict) ->
         "grpo_grads", name, programs_of_steps["grpo_grads"],
         (params, seq, layout.rows((B,), jnp.float32), None if on_policy else per_token(),
          per_token() if uses_ref else None, per_token(), layout.rows((B, N), jnp.int32), count,
-         count), kw, shapes, updates * train_cfg.grad_accum_steps, resident_args=("params",),
-        extra_resident=accumulator, assumed_outputs=like_params))
+         count), kw, shapes, updates * train_cfg.grad_accum_steps, assumed_outputs=like_params))
   elif stage.kind == "sft":
     per_record = 1 if stage.sft_data else (
         len(tuple(config.sft_targets.answers)) if config.sft_targets.every_answer else 1)
@@ -192,20 +190,18 @@ def stage_programs(config, stage, model, params, layout: Layout, state: dict) ->
     out.append(Program("sft_grads", name, programs_of_steps["sft_grads"],
                        (params, seq, layout.whole((), jnp.float32, weak_type=True)),
                        dict(columns=N), shapes, train_cfg.grad_accum_steps,
-                       resident_args=("params",), extra_resident=accumulator,
                        assumed_outputs=like_params))
   else:
     raise ValueError(f"Unknown stage kind {stage.kind!r}; use 'sft' or 'grpo'.")
   grads_program = out[-1]
   if train_cfg.grad_accum_steps > 1:
     out.append(Program("accumulate", name, programs_of_steps["accumulate"], None, {}, {},
-                       updates * (train_cfg.grad_accum_steps - 1),
-                       resident_args=("accumulator",)))
-  out.append(Program("apply", name, programs_of_steps["apply"], None, {}, {}, updates,
-                     resident_args=("params", "opt_state")))
+                       updates * (train_cfg.grad_accum_steps - 1)))
+  out.append(Program("apply", name, programs_of_steps["apply"], None, {}, {}, updates))
   # Gradients come out of the gradient program with its output shardings.
   grads = lambda: grads_program.outputs[0]
   for p in out:
+    p.budget = learner.budget.limit(p.name)
     if p.name == "accumulate":
       p.args = lambda: (grads(), grads())
     elif p.name == "apply":

@@ -54,6 +54,12 @@ def suggestions(plan: dict) -> list[str]:
       out.append(f"{chips * factor} chips with --config.mesh.fsdp=-1: about {_gib(guess)} per "
                  "chip, if the temporaries shard as well as the state")
       break
+  squeezed = [r for r in plan["programs"] if r.get("error") and r.get("budget")]
+  if squeezed and settings["hbm_headroom"] > 0:
+    r = squeezed[0]
+    out.append(f"{r['name']} ({r['stage']}) was compiled to fit {_gib(r['budget'])}: the chip "
+               f"less --config.memory.hbm_headroom={settings['hbm_headroom']:g} of it less the "
+               "state outside the program; a smaller headroom gives it more")
   if rollout:
     out.append("the rollout runs the whole generation batch at once: fewer "
                "--config.train.prompts_per_step, shorter --config.rl.max_new_tokens or "
@@ -90,21 +96,22 @@ def markdown(plan: dict) -> str:
   for k, v in plan["state_per_chip"].items():
     lines.append(f"| {k.replace('_', ' ')} | {_gib(v)} |")
   lines += ["", f"| program | stage | shapes | runs/step | arguments | outputs | "
-                f"temporaries{est} | peak per chip | FLOPs | bytes accessed | compile s | "
-                "est. s/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                f"temporaries{est} | peak per chip | budget | FLOPs | bytes accessed | compile s | "
+                "est. s/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in plan["programs"]:
     shapes = " ".join(f"{k}={v}" for k, v in r["shapes"].items())
     if r.get("error"):
       sizes = (f"{_gib(r['arguments'])} | {_gib(r['outputs'])} | {_gib(r['temporaries'])} "
                "(from the compiler's refusal)" if "temporaries" in r else " | | ")
       lines.append(f"| {r['name']} | {r['stage']} | {shapes} | {r['runs_per_step']} | {sizes} | "
-                   f"{_gib(r.get('peak'))} | did not compile | | {r.get('compile_seconds', '')} "
-                   "| |")
+                   f"{_gib(r.get('peak'))} | {_gib(r.get('budget'))} | did not compile | | "
+                   f"{r.get('compile_seconds', '')} | |")
       continue
     lines.append(
         f"| {r['name']} | {r['stage']} | {shapes} | {r['runs_per_step']} | "
         f"{_gib(r['arguments'])} | {_gib(r['outputs'] - r['aliased'])} | "
-        f"{_gib(r['temporaries'])} | {_gib(r['peak'])} | {_num(r['flops'])} | "
+        f"{_gib(r['temporaries'])} | {_gib(r['peak'])} | {_gib(r.get('budget'))} | "
+        f"{_num(r['flops'])} | "
         f"{_num(r['bytes_accessed'], 'B')} | {r['compile_seconds']} | "
         f"{_seconds(r.get('seconds_estimate'))} |")
   verdict = "fits" if plan["fits"] else "DOES NOT FIT"
@@ -113,6 +120,11 @@ def markdown(plan: dict) -> str:
   lines += ["", f"Peak per chip: {_gib(plan['peak_per_chip'])} in {plan['peak_program']} of "
                 f"{_gib(plan['memory_per_chip'])}: **{verdict}**{headroom}. Compiling took "
                 f"{plan['compile_seconds']} s."]
+  if any(r.get("budget") for r in plan["programs"]):
+    lines.append("Budget: the bytes per chip the compiler was told each program may use, the "
+                 "chip's memory less memory.hbm_headroom="
+                 f"{plan['config']['hbm_headroom']:g} of it less the state resident outside the "
+                 "program (train compiles with the same budgets).")
   if plan["temporaries_estimated"]:
     lines.append("Arguments, outputs and resident state are exact for this mesh; temporaries "
                  f"are estimated from the same programs compiled for {plan['compiled_for']}.")

@@ -14,6 +14,7 @@ patch, I images.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -48,6 +49,10 @@ class SamplingConfig:
   # Also return each position's entropy of softmax(logits / temperature) over the whole
   # vocabulary, the trainer's entropy (tree rollouts branch where it is high).
   return_entropy: bool = False
+  # Encode and prefill this many prompts at a time (0: the whole batch at once), so that one
+  # chunk's ViT and prompt activations are live, not the generation batch's; decoding still runs
+  # every row together. It must divide the number of prompts.
+  prefill_chunk: int = 0
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -57,6 +62,18 @@ class SamplingConfig:
                        f"{self.temperature}.")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
+    if self.prefill_chunk < 0:
+      raise ValueError(f"prefill_chunk must be ≥ 0 (0: no chunks), got {self.prefill_chunk}.")
+
+  def prefill_chunks(self, num_prompts: int) -> int:
+    """How many chunks the prefill of `num_prompts` prompts runs in."""
+    chunk = self.prefill_chunk
+    if not chunk or chunk >= num_prompts:
+      return 1
+    if num_prompts % chunk:
+      raise ValueError(f"prefill_chunk={chunk} does not divide the {num_prompts} prompts of this "
+                       "batch; use a divisor of the generation batch (train.prefill_chunk).")
+    return num_prompts // chunk
 
 
 class Rollouts(NamedTuple):
@@ -129,10 +146,12 @@ class Sampler:
   passes `state=`. Its updates donate the parameters, and a split of the model shares their
   buffers, so a sampler that kept one would be left holding deleted arrays after the first update.
   The sampler itself donates only what it allocates (the decode loop's carry: KV cache, tokens).
+  `compiler_options` maps 'prefill' and 'decode' to XLA options (a trainer's memory budgets).
   """
 
   def __init__(self, model: Qwen2_5_VL, config: SamplingConfig, mesh: Mesh | None = None, *,
-               keep_weights: bool = True):
+               keep_weights: bool = True,
+               compiler_options: Mapping[str, dict | None] | None = None):
     self.graphdef = nnx.graphdef(model)
     self.state = nnx.state(model) if keep_weights else None
     self.model_config = model.config
@@ -152,26 +171,45 @@ class Sampler:
     # Qwen pads with <|endoftext|>, which the configs also name as bos.
     self.pad_id = next((t for t in (cfg.pad_token_id, cfg.bos_token_id) if t is not None), 0)
     self.compiled_programs = 0  # incremented while tracing, i.e. once per compiled program
-    self._prefill = jax.jit(self._prefill_fn, static_argnames=("group_size", "new_tokens"))
-    self._decode = jax.jit(self._decode_fn, donate_argnames=("carry",))
+    options = dict(compiler_options or {}).get  # by program name, e.g. its memory budget
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("group_size", "new_tokens"),
+                            compiler_options=options("prefill"))
+    self._decode = jax.jit(self._decode_fn, donate_argnames=("carry",),
+                           compiler_options=options("decode"))
 
   # --- traced functions --------------------------------------------------------------------
 
   def _prefill_fn(self, state, input_ids_PT, attention_mask_PT, pixel_values_XY, image_grid_thw_I3,
                   *, group_size: int, new_tokens: int):
+    """With K = prefill_chunks(P) > 1, pixel_values_XY is (K, X, Y) and image_grid_thw_I3
+    (K, I, 3), chunk k holding the images of prompts k, K + k, 2K + k, ... (`chunk_images`):
+    strided, so that each device's rows stay on it."""
     self.compiled_programs += 1
     model = nnx.merge(self.graphdef, state)
-    num_prompts = input_ids_PT.shape[0]
+    P = input_ids_PT.shape[0]
+    K = self.config.prefill_chunks(P)
     cache_dtype = jnp.dtype(self.config.cache_dtype or model.config.compute_dtype)
-    with sharding_lib.activations_on(self.mesh):  # rows over the batch axes, where they divide
+
+    def prefill(ids_PT, mask_PT, pixels, grids):
       hidden_PTD, prompt_cache, prompt_valid_PT, next_position_P = model.prefill(
-          input_ids_PT, attention_mask_PT, pixel_values_XY, image_grid_thw_I3,
-          cache_dtype=cache_dtype)
-      logits_PV = model.logits(hidden_PTD[:, -1]).astype(jnp.float32)
+          ids_PT, mask_PT, pixels, grids, cache_dtype=cache_dtype)
+      return (prompt_cache, prompt_valid_PT, next_position_P,
+              model.logits(hidden_PTD[:, -1]).astype(jnp.float32))
+
+    with sharding_lib.activations_on(self.mesh):  # rows over the batch axes, where they divide
+      if K == 1:
+        prompt_cache, prompt_valid_PT, next_position_P, logits_PV = prefill(
+            input_ids_PT, attention_mask_PT, pixel_values_XY, image_grid_thw_I3)
+      else:  # row c·K + k of the batch is row c of chunk k, both ways
+        split = lambda a: a.reshape(P // K, K, *a.shape[1:]).swapaxes(0, 1)
+        merge = lambda a: a.swapaxes(0, 1).reshape(P, *a.shape[2:])
+        chunked = jax.lax.map(lambda xs: prefill(*xs), (
+            split(input_ids_PT), split(attention_mask_PT), pixel_values_XY, image_grid_thw_I3))
+        prompt_cache, prompt_valid_PT, next_position_P, logits_PV = jax.tree.map(merge, chunked)
       rows = sharding_lib.constrain_rows
       tile = lambda a: rows(jnp.repeat(a, group_size, axis=0))
       return dict(prompt_cache=jax.tree.map(rows, prompt_cache), prompt_valid=rows(prompt_valid_PT),
-                  cache=jax.tree.map(rows, model.init_cache(num_prompts * group_size, new_tokens,
+                  cache=jax.tree.map(rows, model.init_cache(P * group_size, new_tokens,
                                                             cache_dtype)),
                   logits=tile(logits_PV), next_position=tile(next_position_P))
 
@@ -246,6 +284,35 @@ class Sampler:
       pixels, grids = pad_images(pixels, grids, num_patches, num_images)
     return ids, mask, pixels, grids
 
+  def chunk_images(self, input_ids_PT, pixel_values_XY, image_grid_thw_I3, chunks: int):
+    """The batch's packed patches and grids regrouped by prefill chunk: (K, X', Y) and (K, I', 3),
+    chunk k holding prompts k, K + k, 2K + k, ... (as `_prefill_fn` splits the rows), each chunk
+    padded to the same buckets as a batch of its own (`pad_images`)."""
+    merge = self.model_config.vision.spatial_merge_size ** 2
+    patches_P = (np.asarray(input_ids_PT) == self.model_config.image_token_id).sum(axis=1) * merge
+    grids_I3 = np.asarray(image_grid_thw_I3)
+    grids_I3 = grids_I3[np.prod(grids_I3, axis=1) > 0]  # (0, 0, 0) rows pad the grid list
+    sizes_I = np.prod(grids_I3, axis=1)
+    starts_I = np.concatenate([[0], np.cumsum(sizes_I)])
+    ends_P = np.cumsum(patches_P)
+    # Prompt p's images are those whose patches end by its last patch, after the previous ones'.
+    last_image_P = np.searchsorted(starts_I[1:], ends_P, side="right")
+    if not np.array_equal(starts_I[last_image_P], ends_P):
+      raise ValueError("The batch's image_grid_thw does not match its image tokens: each prompt's "
+                       "image tokens must cover whole images (spatial_merge_size² patches each).")
+    first_image_P = np.concatenate([[0], last_image_P[:-1]])
+    pieces = []
+    for k in range(chunks):
+      prompts = range(k, len(patches_P), chunks)
+      images = np.concatenate([np.arange(first_image_P[p], last_image_P[p]) for p in prompts])
+      pixels = np.concatenate([pixel_values_XY[starts_I[i]:starts_I[i + 1]] for i in images] or
+                              [np.zeros((0, pixel_values_XY.shape[1]), np.float32)])
+      pieces.append((pixels, grids_I3[images.astype(int)]))
+    _, num_patches, num_images = self.padded_sizes(
+        1, max(p.shape[0] for p, _ in pieces), max(g.shape[0] for _, g in pieces))
+    padded = [pad_images(p, g, num_patches, num_images) for p, g in pieces]
+    return np.stack([p for p, _ in padded]), np.stack([g for _, g in padded])
+
   def padded_sizes(self, prompt_tokens: int, patches: int, images: int) -> tuple[int, int, int]:
     """The bucketed (prompt length, patch count, image count) of a batch with these maxima."""
     return (_bucket(prompt_tokens, self.config.min_prompt_bucket),
@@ -309,6 +376,9 @@ class Sampler:
     ids, mask, pixels, grids = prepared
     num_prompts = ids.shape[0]
     rows, new = num_prompts * group_size, cfg.max_new_tokens
+    chunks = cfg.prefill_chunks(num_prompts)
+    if chunks > 1 and pixels is not None:
+      pixels, grids = self.chunk_images(ids, pixels, grids, chunks)
     prefilled = self._prefill(state, self._place_rows(ids), self._place_rows(mask), pixels,
                               grids, group_size=group_size, new_tokens=new)
     budget = (np.full(rows, new, np.int32) if max_new_tokens_per_row is None

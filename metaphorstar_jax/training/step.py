@@ -11,6 +11,7 @@ tokens (inside `_score`, N is the scored batch's width: the first `columns` of t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -41,10 +42,13 @@ class TrainSteps:
 
   def __init__(self, graphdef, tx: optax.GradientTransformation, loss_config: rl.LossConfig, *,
                temperature: float, logit_chunk: int = 0, completion_buckets: int = 8,
-               frozen: tuple[str, ...] = (), mesh: Mesh | None = None):
+               frozen: tuple[str, ...] = (), mesh: Mesh | None = None,
+               compiler_options: Mapping[str, dict | None] | None = None):
     """`frozen`: regexes of the parameter paths the optimizer freezes (optimizer.make_optimizer);
     the reported grad_norm leaves them out, as the clipping does. `mesh`: the run's mesh, on which
-    the forward pass lays out its activations (`sharding.constrain_rows`)."""
+    the forward pass lays out its activations (`sharding.constrain_rows`). `compiler_options`:
+    XLA options by program name ('logprobs', 'grpo_grads', 'sft_grads', 'accumulate', 'apply'),
+    e.g. each one's memory budget (training/memory_budget.py)."""
     self.graphdef = graphdef
     self.mesh = mesh
     self.frozen = tuple(frozen)
@@ -53,10 +57,14 @@ class TrainSteps:
     self.temperature = temperature
     self.logit_chunk = logit_chunk
     self.completion_buckets = completion_buckets
+    self.compiler_options = dict(compiler_options or {})
+    options = self.compiler_options.get
     self._compiled_grads = None  # built on the first gradient, pinned to the params' shardings
-    self._compiled_logprobs = jax.jit(self._logprobs, static_argnames=("columns",))
+    self._compiled_logprobs = jax.jit(self._logprobs, static_argnames=("columns",),
+                                      compiler_options=options("logprobs"))
     self._compiled_apply = None  # built on the first `apply`, pinned to its inputs' shardings
-    self.accumulate = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
+    self.accumulate = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,),
+                              compiler_options=options("accumulate"))
 
   # --- host side: pick the scored width, call the compiled functions -------------------------
 
@@ -157,7 +165,8 @@ class TrainSteps:
       self._compiled_apply = jax.jit(
           self._apply, donate_argnums=(0, 1),
           out_shardings=(jax.tree.map(lambda x: x.sharding, params),
-                         optimizer_state_shardings(opt_state, params), None))
+                         optimizer_state_shardings(opt_state, params), None),
+          compiler_options=self.compiler_options.get("apply"))
     return {**self._gradient_programs(params), "logprobs": self._compiled_logprobs, "accumulate": self.accumulate,
             "apply": self._compiled_apply}
 
@@ -168,8 +177,9 @@ class TrainSteps:
     if self._compiled_grads is None:
       static = dict(static_argnames=("columns",),
                     out_shardings=(jax.tree.map(lambda x: x.sharding, params), None))
-      self._compiled_grads = {"grpo_grads": jax.jit(self._grpo_grads, **static),
-                              "sft_grads": jax.jit(self._sft_grads, **static)}
+      self._compiled_grads = {
+          name: jax.jit(fn, **static, compiler_options=self.compiler_options.get(name))
+          for name, fn in (("grpo_grads", self._grpo_grads), ("sft_grads", self._sft_grads))}
     return self._compiled_grads
 
   def _apply(self, params, opt_state, grads):
@@ -208,6 +218,14 @@ def optimizer_state_shardings(opt_state, params):
     return replicated
 
   return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def abstract_optimizer_state(tx: optax.GradientTransformation, params) -> Any:
+  """The optimizer state of `params` (arrays or ShapeDtypeStructs with shardings) as
+  ShapeDtypeStructs laid out as `init_optimizer_state` lays it out; nothing is allocated."""
+  abstract = jax.eval_shape(tx.init, params)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                      optimizer_state_shardings(abstract, params))
 
 
 def init_optimizer_state(tx: optax.GradientTransformation, params) -> Any:

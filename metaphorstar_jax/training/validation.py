@@ -15,7 +15,7 @@ STAGE_KINDS = ("sft", "grpo")
 # (field, smallest allowed value): counts a run cannot do without.
 AT_LEAST = (
     ("train.prompts_per_step", 1), ("train.ppo_epochs", 1), ("train.num_minibatches", 1),
-    ("train.grad_accum_steps", 1), ("train.logit_chunk", 0),
+    ("train.grad_accum_steps", 1), ("train.logit_chunk", 0), ("train.prefill_chunk", 0),
     ("rl.max_new_tokens", 1), ("rl.top_k", 0),
     ("data.max_prompt_tokens", 1), ("data.num_workers", 0),
     ("eval.every", 0), ("eval.batch_size", 1), ("eval.num_samples", 1),
@@ -69,6 +69,10 @@ def check_numbers(config) -> None:
     value = _get(config, field)
     if value is not None and not 0 < value <= 1:
       _fail(field, value, "use a top-p in (0, 1], or leave it unset (None) for the RL preset's")
+  headroom = config.memory.hbm_headroom
+  if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
+    _fail("memory.hbm_headroom", headroom, "use the fraction of each chip's memory to leave free, "
+          "in [0, 1)")
   for field in JUDGE_POSITIVE:
     value = _get(config, field)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -109,7 +113,11 @@ def check_stage(config, index: int) -> None:
              else "grad_accum_steps")
     _fail(f"train.prompts_per_step (stage {stage.name})", train_cfg.prompts_per_step,
           f"must split evenly into {split} = {parts} parts")
-  draw_size(staged, stage, objective)
+  drawn = draw_size(staged, stage, objective)
+  chunk = train_cfg.prefill_chunk
+  if stage.kind == "grpo" and chunk and drawn > chunk and drawn % chunk:
+    _fail(f"train.prefill_chunk (stage {stage.name})", chunk,
+          f"must divide the generation batch of {drawn} prompts (or be 0: no chunks)")
   if stage.kind == "grpo" and objective.group_size < 2:
     logging.warning("Stage %s draws one rollout per prompt (group_size=%d): group advantages "
                     "then have no baseline, and every advantage is 0 under z-score or mean "

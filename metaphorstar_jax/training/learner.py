@@ -29,7 +29,8 @@ class Learner:
   task: Task
   processor: Any
   mesh: Any
-  budget: memory_budget.MemoryBudget  # each program's share of a chip's memory
+  # Each program's share of a chip's memory (None: every program compiles against the whole chip).
+  budget: memory_budget.MemoryBudget | None = None
 
 
 def keeps_reference(stage, objective: Objective) -> bool:

@@ -98,7 +98,7 @@ class MemoryBudget:
     if not self.applies:
       why = ("the chip's memory is unknown" if self.platform == "tpu" else
              f"{self.platform} has no per-program memory option")
-      return f"No per-program memory budget: {why}; programs compile against the whole chip."
+      return f"No per-program memory budget: {why}."
     parts = ", ".join(f"{name} {self.limit(name) / 2**30:.1f} GiB" if self.limit(name)
                       else f"{name} none (resident state alone fills the chip)"
                       for name in OUTSIDE)

@@ -12,6 +12,8 @@ import re
 import jax
 from jax.sharding import Mesh
 
+from metaphorstar_jax.training.memory_budget import chip_memory
+
 GiB = 1024**3
 
 
@@ -141,7 +143,7 @@ def local_target(mesh: Mesh) -> Target:
   known = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5": "v5p", "tpu v6 lite": "v6e",
            "a100": "a100", "h100": "h100", "h200": "h200"}
   match = next((CHIPS[v] for k, v in known.items() if k in kind), None)
-  limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+  limit = chip_memory(mesh)
   if match is None:
     match = Chip(devices[0].device_kind, None, float(limit or 0), None, "device.memory_stats")
   if limit:

@@ -20,13 +20,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Kernels are (in, out). Column-parallel layers split `out` over tensor; row-parallel split `in`.
-# The first matching rule wins.
+# Decoder layers and ViT blocks stack their parameters on a leading layer axis, which the scan
+# over layers walks: it stays whole (None) on every chip. The first matching rule wins.
 PARAMETER_RULES: tuple[tuple[str, P], ...] = (
     (r"embed_tokens/embedding$", P("tensor", "fsdp")),
     (r"lm_head/kernel$", P("fsdp", "tensor")),
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv|mlp_in)/kernel$", P("fsdp", "tensor")),
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv|mlp_in)/bias$", P("tensor")),
-    (r"(o_proj|down_proj|proj|mlp_out|patch_embed)/kernel$", P("tensor", "fsdp")),
+    (r"mlp_in/kernel$", P("fsdp", "tensor")),
+    (r"mlp_in/bias$", P("tensor")),
+    (r"(mlp_out|patch_embed)/kernel$", P("tensor", "fsdp")),
+    (r"(layers|blocks)/.*(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv)/kernel$",
+     P(None, "fsdp", "tensor")),
+    (r"(layers|blocks)/.*(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv)/bias$", P(None, "tensor")),
+    (r"(layers|blocks)/.*(o_proj|down_proj|proj)/kernel$", P(None, "tensor", "fsdp")),
     (r".*", P()),
 )
 
@@ -52,7 +57,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
 
 
 def path_to_str(path) -> str:
-  """A pytree key path or tuple as 'language_model/layers/0/self_attn/q_proj/kernel'.
+  """A pytree key path or tuple as 'language_model/layers/self_attn/q_proj/kernel'.
 
   The trailing `.value` attribute of an NNX Variable is dropped so rules match parameter names.
   """
@@ -148,10 +153,10 @@ def place_rows(array, mesh: Mesh | None):
   return jax.device_put(array, row_sharding(np.shape(array), mesh))
 
 
-def row_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
-  """The sharding `place_rows` gives an array of `shape`: rows over the batch axes if they
-  divide, else replicated."""
-  return NamedSharding(mesh, fit_spec(P(BATCH_AXES), shape, mesh))
+def row_sharding(shape: Sequence[int], mesh: Mesh, axis: int = 0) -> NamedSharding:
+  """The sharding `place_rows` gives an array of `shape`: rows (dimension `axis`; 1 for a KV
+  cache, which stacks the layers in front) over the batch axes if they divide, else replicated."""
+  return NamedSharding(mesh, fit_spec(P(*[None] * axis, BATCH_AXES), shape, mesh))
 
 
 def activations_on(mesh: Mesh | None):
@@ -162,9 +167,10 @@ def activations_on(mesh: Mesh | None):
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
-def constrain_rows(x):
-  """`x` with its leading axis (rows, or the ViT's packed patches) split over the batch axes of the
-  mesh being traced under (`activations_on`); unchanged outside one.
+def constrain_rows(x, axis: int = 0):
+  """`x` with its rows (dimension `axis`: 0 for activations and the ViT's packed patches, 1 for a
+  KV cache) split over the batch axes of the mesh being traced under (`activations_on`);
+  unchanged outside one.
 
   Left to propagation alone, XLA replicated the ViT's packed patches on every chip (they come from
   replicated pixel values) and some of the decoder's MLP activations: 4× the work and memory on a
@@ -173,4 +179,26 @@ def constrain_rows(x):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
     return x
-  return jax.lax.with_sharding_constraint(x, fit_spec(P(BATCH_AXES), x.shape, mesh))
+  return jax.lax.with_sharding_constraint(x, fit_spec(P(*[None] * axis, BATCH_AXES), x.shape,
+                                                      mesh))
+
+
+def constrain_layer(layer_state):
+  """One layer's parameters, sliced from their (L, ...) stack by a scan over layers, kept split as
+  the stack is (its rule without the layer axis) on the mesh being traced under; unchanged
+  outside one.
+
+  Pinned, each layer is gathered inside the loop and its gradient reduce-scattered there; left to
+  propagation, XLA may gather or reduce the whole stack outside the loop at once.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return layer_state
+
+  def constrain(path, x):
+    # The stacked parameter's rule ('layers/' matches the decoder's and the ViT's alike).
+    spec = spec_for("layers/" + path_to_str(path), (1, *x.shape), mesh)
+    return jax.lax.with_sharding_constraint(x, P(*tuple(spec)[1:]))
+
+  return jax.tree_util.tree_map_with_path(constrain, layer_state)
+

@@ -78,7 +78,7 @@ def test_modern_key_names_and_bf16_on_disk(hf_tiny, tmp_path):
   save_torch(renamed, out / "model.safetensors")
   (out / "config.json").write_text(open(os.path.join(hf_dir, "config.json")).read())
   model = qwen2_5_vl.from_pretrained(out)
-  kernel = model.language_model.layers[0].self_attn.q_proj.kernel[...]
+  kernel = model.language_model.layers.self_attn.q_proj.kernel[...][0]
   expected = torch.tensor(tensors["model.layers.0.self_attn.q_proj.weight"]).bfloat16().float().T
   np.testing.assert_array_equal(np.asarray(kernel), expected.numpy())
 
@@ -105,7 +105,7 @@ def test_bfloat16_compute_stays_close(hf_tiny):
   ids, mask, pixels, grids = image_batch(2)
   ref = our_logits(qwen2_5_vl.from_pretrained(hf_dir), ids, mask, pixels, grids)
   half = qwen2_5_vl.from_pretrained(hf_dir, dtype="bfloat16")
-  assert half.language_model.layers[0].mlp.up_proj.kernel[...].dtype == np.dtype("bfloat16")
+  assert half.language_model.layers.mlp.up_proj.kernel[...].dtype == np.dtype("bfloat16")
   got = our_logits(half, ids, mask, pixels, grids).astype(np.float32)
   valid = mask.astype(bool)
   assert np.abs(ref[valid] - got[valid]).max() < 0.1 * np.abs(ref[valid]).max()
@@ -117,10 +117,11 @@ def test_fsdp_sharded_load_gives_same_logits(hf_tiny, name):
   _, hf_dir = hf_tiny(name)
   mesh = sharding.make_mesh(fsdp=8)
   sharded = qwen2_5_vl.from_pretrained(hf_dir, mesh=mesh)
-  q_kernel = sharded.language_model.layers[0].self_attn.q_proj.kernel[...]
-  assert q_kernel.sharding.spec[0] == "fsdp"
+  q_kernel = sharded.language_model.layers.self_attn.q_proj.kernel[...]  # (L, in, out)
+  assert q_kernel.sharding.spec[:2] == (None, "fsdp")  # the stacked layer axis stays whole
   assert len({s.device for s in q_kernel.addressable_shards}) == 8
-  assert q_kernel.addressable_shards[0].data.shape[0] == q_kernel.shape[0] // 8
+  assert q_kernel.addressable_shards[0].data.shape[:2] == (q_kernel.shape[0],
+                                                           q_kernel.shape[1] // 8)
   ids, mask, pixels, grids = image_batch(3)
   single = qwen2_5_vl.from_pretrained(hf_dir)
   np.testing.assert_allclose(our_logits(sharded, ids, mask, pixels, grids),

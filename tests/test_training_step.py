@@ -122,6 +122,25 @@ def test_activations_split_by_rows_only_under_the_traced_mesh():
   assert sharding.constrain_rows(jnp.ones((8, 3))).sharding.is_fully_replicated  # no mesh: as is
 
 
+def test_a_scanned_layers_parameters_stay_split_like_their_stack():
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  layer = {"self_attn": {"q_proj": {"kernel": jnp.ones((16, 8)), "bias": jnp.ones(8)},
+                         "o_proj": {"kernel": jnp.ones((8, 16))}},
+           "input_layernorm": {"scale": jnp.ones(16)}}
+
+  def constrained_specs(layer):
+    with sharding.activations_on(mesh):
+      jaxpr = jax.make_jaxpr(sharding.constrain_layer)(layer)
+    return [e.params["sharding"].spec for e in jaxpr.jaxpr.eqns
+            if e.primitive.name == "sharding_constraint"]
+
+  # Each as its (L, ...) stack's rule without the layer axis, in the tree's (sorted) leaf order:
+  # input_layernorm, o_proj (tensor, fsdp), q_proj bias (tensor), q_proj kernel (fsdp, tensor).
+  assert constrained_specs(layer) == [PartitionSpec(None), PartitionSpec(None, "fsdp"),
+                                      PartitionSpec(None), PartitionSpec("fsdp", None)]
+  assert sharding.constrain_layer(layer) is layer  # no mesh traced: as is
+
+
 def test_gradients_on_a_mesh_are_laid_out_like_the_parameters_and_equal_one_devices():
   mesh = sharding.make_mesh(data=2, fsdp=4)
   model = qwen2_5_vl.init(qwen2_5_vl.preset("tiny"), seed=11)

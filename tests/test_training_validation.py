@@ -54,6 +54,7 @@ BAD_VALUES = [
     ("memory.hbm_headroom", 1.0, r"memory\.hbm_headroom=1\.0.*\[0, 1\)"),
     ("memory.hbm_headroom", -0.1, r"memory\.hbm_headroom=-0\.1"),
     ("train.prefill_chunk", -1, r"train\.prefill_chunk=-1"),
+    ("model.remat_offload", True, r"model\.remat_offload=True.*model\.remat=True"),
 ]
 
 

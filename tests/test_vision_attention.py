@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaphorstar_jax.models.qwen2_5_vl import vision_attention
+from metaphorstar_jax.models.qwen2_5_vl import layers, vision_attention
 from metaphorstar_jax.models.qwen2_5_vl.positions import vision_layout
 
 
@@ -39,8 +39,10 @@ def test_window_attention_matches_dense(lengths):
   np.testing.assert_allclose(got, dense_attention(q, k, v, segments), atol=2e-6)
 
 
-@pytest.mark.parametrize("chunk", [16, 128, 4096])
-def test_frame_attention_matches_dense_with_gradients(chunk):
+@pytest.mark.parametrize("chunk,key_block", [(16, None), (128, None), (4096, None), (128, 64)])
+def test_frame_attention_matches_dense_with_gradients(chunk, key_block, monkeypatch):
+  if key_block:  # chunks this size against all 567 keys take the blockwise path, 64 keys a block
+    monkeypatch.setattr(layers, "ATTENTION_BLOCK", key_block)
   segments = runs([300, 5, 171, 1, 90])
   q, k, v = qkv(len(segments), seed=1)
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))

@@ -19,14 +19,14 @@ from metaphorstar_jax import data
 from metaphorstar_jax import sharding as sharding_lib
 from metaphorstar_jax.data.image_processor import num_image_tokens
 from metaphorstar_jax.models import qwen2_5_vl
+from metaphorstar_jax.training import builders
 from metaphorstar_jax.training.policy import SequenceBatch
 
 
 def model_config(config) -> qwen2_5_vl.Qwen2_5_VLConfig:
   """The policy's architecture: `model.hf_path`'s config.json, or the preset; no weights read."""
   m = config.model
-  runtime = dict(dtype=jnp.dtype(m.dtype).name, param_dtype=jnp.dtype(m.param_dtype).name,
-                 remat=bool(m.remat))
+  runtime = builders.model_runtime(config)
   if m.hf_path:
     return qwen2_5_vl.from_json_file(m.hf_path, **runtime)
   return qwen2_5_vl.preset(m.preset, **runtime)

@@ -123,6 +123,7 @@ def _summarise(config, target: Target, mesh: Mesh, device, stages, parameter_cou
   plan = dict(
       config=dict(model=config.model.hf_path or config.model.preset, dtype=config.model.dtype,
                   param_dtype=config.model.param_dtype, remat=bool(config.model.remat),
+                  remat_offload=bool(config.model.remat_offload),
                   logit_chunk=int(config.train.logit_chunk),
                   prompts_per_step=int(config.train.prompts_per_step),
                   num_minibatches=int(config.train.num_minibatches),

@@ -83,6 +83,7 @@ def compile_program(program: Program, device) -> None:
       arguments=int(memory.argument_size_in_bytes), outputs=int(memory.output_size_in_bytes),
       aliased=int(memory.alias_size_in_bytes), temporaries=int(memory.temp_size_in_bytes),
       code=int(memory.generated_code_size_in_bytes),
+      host_temporaries=int(memory.host_temp_size_in_bytes),  # e.g. offloaded layer inputs
       flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       compile_seconds=round(seconds, 1))
 
@@ -147,8 +148,8 @@ def stage_programs(config, stage, model, params, layout: Layout, state: dict,
                         (params, layout.rows((prompts, T), jnp.int32),
                          layout.rows((prompts, T), jnp.int32), pixels, grids),
                         dict(group_size=per_prompt, new_tokens=N), shapes, 1, phase="rollout",
-                        assumed_outputs=lambda info: jax.tree.map(  # the prefill's constraint
-                            lambda o: layout.rows(o.shape, o.dtype), info))
+                        assumed_outputs=lambda info: with_shardings(  # the prefill's own
+                            info, sampler.prefill_shardings(info)))
       out.append(prefill)
       decode = Program(f"decode{suffix}", name, sampler.programs()["decode"], None, {}, shapes,
                        1, phase="rollout")

@@ -40,6 +40,9 @@ def suggestions(plan: dict) -> list[str]:
     if not settings["remat"]:
       out.append("--config.model.remat=True: keeps one activation per block for the backward "
                  "pass")
+    if not settings.get("remat_offload"):
+      out.append("--config.model.remat_offload=True (with remat): those activations wait in "
+                 "host memory instead")
     if settings["logit_chunk"] == 0:
       out.append("--config.train.logit_chunk=256: the LM head forms fp32 logits 256 tokens at "
                  "a time instead of over every completion token at once")
@@ -125,6 +128,11 @@ def markdown(plan: dict) -> str:
                  "chip's memory less memory.hbm_headroom="
                  f"{plan['config']['hbm_headroom']:g} of it less the state resident outside the "
                  "program (train compiles with the same budgets).")
+  offloaded = [r for r in plan["programs"] if r.get("host_temporaries")]
+  if offloaded:
+    lines.append("Host memory (model.remat_offload: layer inputs kept for the backward pass): " +
+                 ", ".join(f"{r['name']} {_gib(r['host_temporaries'])}" for r in offloaded) +
+                 " per chip, not counted in the peak.")
   if plan["temporaries_estimated"]:
     lines.append("Arguments, outputs and resident state are exact for this mesh; temporaries "
                  f"are estimated from the same programs compiled for {plan['compiled_for']}.")

@@ -135,6 +135,13 @@ def pad_images(pixel_values_XY, image_grid_thw_I3, num_patches: int, num_images:
   return pixels, grids.astype(np.int32)
 
 
+def _merge_chunks(a, axis: int):
+  """lax.map's (K, ..., C, ...) outputs, rows at `axis` + 1, as the batch's (..., C·K, ...): row
+  c·K + k is row c of chunk k."""
+  a = jnp.moveaxis(a, 0, axis + 1)
+  return a.reshape(*a.shape[:axis], -1, *a.shape[axis + 2:])
+
+
 class Sampler:
   """Draws groups of rollouts from a Qwen2.5-VL model.
 
@@ -179,6 +186,19 @@ class Sampler:
 
   # --- traced functions --------------------------------------------------------------------
 
+  # The prefill's outputs whose rows are dimension 1: KV caches stack the layers in front.
+  CACHE_OUTPUTS = ("prompt_cache", "cache")
+
+  def _row_axis(self, output: str) -> int:
+    return int(output in self.CACHE_OUTPUTS)
+
+  def prefill_shardings(self, prefilled: dict) -> dict:
+    """The shardings the prefill gives its outputs (arrays or ShapeDtypeStructs, by name) on
+    the mesh: rows over the batch axes where they divide."""
+    return {name: jax.tree.map(lambda x, axis=self._row_axis(name):
+                               sharding_lib.row_sharding(x.shape, self.mesh, axis), value)
+            for name, value in prefilled.items()}
+
   def _prefill_fn(self, state, input_ids_PT, attention_mask_PT, pixel_values_XY, image_grid_thw_I3,
                   *, group_size: int, new_tokens: int):
     """With K = prefill_chunks(P) > 1, pixel_values_XY is (K, X, Y) and image_grid_thw_I3
@@ -193,25 +213,28 @@ class Sampler:
     def prefill(ids_PT, mask_PT, pixels, grids):
       hidden_PTD, prompt_cache, prompt_valid_PT, next_position_P = model.prefill(
           ids_PT, mask_PT, pixels, grids, cache_dtype=cache_dtype)
-      return (prompt_cache, prompt_valid_PT, next_position_P,
-              model.logits(hidden_PTD[:, -1]).astype(jnp.float32))
+      return dict(prompt_cache=prompt_cache, prompt_valid=prompt_valid_PT,
+                  next_position=next_position_P,
+                  logits=model.logits(hidden_PTD[:, -1]).astype(jnp.float32))
 
     with sharding_lib.activations_on(self.mesh):  # rows over the batch axes, where they divide
       if K == 1:
-        prompt_cache, prompt_valid_PT, next_position_P, logits_PV = prefill(
-            input_ids_PT, attention_mask_PT, pixel_values_XY, image_grid_thw_I3)
+        prefilled = prefill(input_ids_PT, attention_mask_PT, pixel_values_XY, image_grid_thw_I3)
       else:  # row c·K + k of the batch is row c of chunk k, both ways
         split = lambda a: a.reshape(P // K, K, *a.shape[1:]).swapaxes(0, 1)
-        merge = lambda a: a.swapaxes(0, 1).reshape(P, *a.shape[2:])
         chunked = jax.lax.map(lambda xs: prefill(*xs), (
             split(input_ids_PT), split(attention_mask_PT), pixel_values_XY, image_grid_thw_I3))
-        prompt_cache, prompt_valid_PT, next_position_P, logits_PV = jax.tree.map(merge, chunked)
-      rows = sharding_lib.constrain_rows
-      tile = lambda a: rows(jnp.repeat(a, group_size, axis=0))
-      return dict(prompt_cache=jax.tree.map(rows, prompt_cache), prompt_valid=rows(prompt_valid_PT),
-                  cache=jax.tree.map(rows, model.init_cache(P * group_size, new_tokens,
-                                                            cache_dtype)),
-                  logits=tile(logits_PV), next_position=tile(next_position_P))
+        prefilled = {name: jax.tree.map(lambda a, axis=self._row_axis(name):
+                                        _merge_chunks(a, axis), value)
+                     for name, value in chunked.items()}
+      tile = lambda a: jnp.repeat(a, group_size, axis=0)
+      prefilled = dict(prefilled, cache=model.init_cache(P * group_size, new_tokens, cache_dtype),
+                       logits=tile(prefilled["logits"]),
+                       next_position=tile(prefilled["next_position"]))
+      if self.mesh is None:
+        return prefilled
+      return jax.tree.map(jax.lax.with_sharding_constraint, prefilled,
+                          self.prefill_shardings(prefilled))
 
   def _decode_fn(self, state, carry, key, budget_B):
     self.compiled_programs += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from flax import nnx
@@ -30,15 +31,20 @@ def build_processor(config) -> data.ChatProcessor:
   return data.ChatProcessor.from_tokenizer(data.load_tokenizer(config.model.hf_path), images)
 
 
+def model_runtime(config) -> dict:
+  """The model's run-time fields (not architecture) from `config.model`."""
+  m = config.model
+  return dict(dtype=jnp.dtype(m.dtype).name, param_dtype=jnp.dtype(m.param_dtype).name,
+              remat=bool(m.remat), remat_offload=bool(m.remat_offload))
+
+
 def build_model(config, mesh) -> qwen2_5_vl.Qwen2_5_VL:
   """The policy: loaded from `model.hf_path`, or a random `model.preset`, sharded over `mesh`."""
   m = config.model
   logging.info(splash_attention.describe(mesh.devices.flat[0].platform))
   if m.hf_path:
-    return qwen2_5_vl.from_pretrained(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype,
-                                      mesh=mesh, remat=m.remat)
-  model_config = qwen2_5_vl.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype,
-                                   remat=m.remat)
+    return qwen2_5_vl.from_pretrained(m.hf_path, mesh=mesh, **model_runtime(config))
+  model_config = qwen2_5_vl.preset(m.preset, **model_runtime(config))
   model = qwen2_5_vl.init(model_config, seed=config.seed)
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, sharding_lib.parameter_shardings(state, mesh))
@@ -48,7 +54,7 @@ def build_model(config, mesh) -> qwen2_5_vl.Qwen2_5_VL:
 def run_model_config(config) -> qwen2_5_vl.Qwen2_5_VLConfig:
   """The architecture a run trained: `model.hf_path`'s config.json, else `model.preset`."""
   m = config.model
-  runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=False)
+  runtime = dict(model_runtime(config), remat=False, remat_offload=False)
   if not m.hf_path:
     return qwen2_5_vl.preset(m.preset, **runtime)
   if not os.path.exists(os.path.join(m.hf_path, "config.json")):

@@ -33,30 +33,28 @@ class SequenceBatch(NamedTuple):
 def completion_hidden_states(model, batch: SequenceBatch):
   """Decoder states (B, N, D) that predict each completion token (one step to its left).
 
-  The decoder runs once over the P prompts (`model.prefill`, the sampler's prefill), filling a KV
-  cache that each group of G completions shares (as the sampler does); the B completions run
-  through the cached path, attending to [their prompt's keys ; their own causal keys]. Equal to
-  one full pass over the G-tiled prompt+completion rows, at 1/G of the prompt's cost, and
-  differentiable through both passes.
+  The decoder runs once over the P prompts, their keys at each layer shared by each group of G
+  completions (as the sampler's prefill cache is); the B completions attend to [their prompt's
+  keys ; their own causal keys] (`model.prefill_and_continue`: both passes in one layer scan).
+  Equal to one full pass over the G-tiled prompt+completion rows, at 1/G of the prompt's cost,
+  and differentiable through both passes.
   The last completion token is never fed: nothing reads its state.
   """
   P = batch.prompt_ids_PT.shape[0]
   B, N = batch.completion_BN.shape
   tile = lambda a: jnp.repeat(a, B // P, axis=0)
-  prompt_hidden_PTD, cache, prompt_valid_PT, next_position_P = model.prefill(
-      batch.prompt_ids_PT, batch.prompt_mask_PT, batch.pixel_values_XY, batch.image_grid_thw_I3)
-  last_B1D = tile(prompt_hidden_PTD[:, -1:])  # prompts are left-aligned: T-1 is always real
   fed = N - 1
   if fed == 0:
-    return last_B1D
-  # Completion positions continue from the prompt's, like the sampler's decode positions.
-  positions_BZ = tile(next_position_P)[:, None] + jnp.arange(fed, dtype=jnp.int32)[None]
-  # The completions attend to their prompt's keys, shared by the group as in the sampler (read
-  # once, never tiled), then to their own causal keys.
-  hidden_BZD, _ = model.cached_hidden_states(
-      model.language_model.embed_tokens(batch.completion_BN[:, :fed]),
-      jnp.broadcast_to(positions_BZ[None], (3, B, fed)), model.init_cache(B, fed), 0,
-      batch.completion_mask_BN[:, :fed] > 0, prefix=(cache, prompt_valid_PT))
+    prompt_hidden_PTD, *_ = model.prefill(batch.prompt_ids_PT, batch.prompt_mask_PT,
+                                          batch.pixel_values_XY, batch.image_grid_thw_I3)
+    return tile(prompt_hidden_PTD[:, -1:])
+  # Completion positions continue from the prompt's, like the sampler's decode positions; they
+  # attend to their prompt's keys, shared by the group as in the sampler (read once, never
+  # tiled), then to their own causal keys.
+  prompt_hidden_PTD, hidden_BZD = model.prefill_and_continue(
+      batch.prompt_ids_PT, batch.prompt_mask_PT, batch.pixel_values_XY, batch.image_grid_thw_I3,
+      batch.completion_BN[:, :fed], batch.completion_mask_BN[:, :fed] > 0)
+  last_B1D = tile(prompt_hidden_PTD[:, -1:])  # prompts are left-aligned: T-1 is always real
   return jnp.concatenate([last_B1D, hidden_BZD], axis=1)
 
 

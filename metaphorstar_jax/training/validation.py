@@ -69,6 +69,9 @@ def check_numbers(config) -> None:
     value = _get(config, field)
     if value is not None and not 0 < value <= 1:
       _fail(field, value, "use a top-p in (0, 1], or leave it unset (None) for the RL preset's")
+  if config.model.remat_offload and not config.model.remat:
+    _fail("model.remat_offload", True, "it keeps rematerialised layers' saved inputs in host "
+          "memory; set model.remat=True too, or remat_offload=False")
   headroom = config.memory.hbm_headroom
   if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
     _fail("memory.hbm_headroom", headroom, "use the fraction of each chip's memory to leave free, "

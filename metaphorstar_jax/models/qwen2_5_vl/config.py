@@ -85,10 +85,16 @@ class Qwen2_5_VLConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  # With remat, each layer's saved input (what its recomputation starts from) waits for the
+  # backward pass in host memory instead of the accelerator's.
+  remat_offload: bool = False
 
   def __post_init__(self):
     text, vision = self.text, self.vision
     problems = []
+    if self.remat_offload and not self.remat:
+      problems.append("remat_offload keeps rematerialised layers' inputs in host memory; it "
+                      "needs remat=True")
     if text.hidden_size % text.num_attention_heads:
       problems.append(f"text hidden_size {text.hidden_size} is not divisible by "
                       f"num_attention_heads {text.num_attention_heads}")
@@ -155,7 +161,7 @@ def _rope_of(text: dict[str, Any]) -> tuple[float, tuple[int, ...]]:
 def from_hf_dict(hf: dict[str, Any], **runtime) -> Qwen2_5_VLConfig:
   """Builds a config from a parsed HF `config.json`, flat (hub) or nested (transformers 5.x).
 
-  `runtime` sets the run-time fields (dtype, param_dtype, remat).
+  `runtime` sets the run-time fields (dtype, param_dtype, remat, remat_offload).
   """
   text = dict(hf.get("text_config") or hf)  # flat hub layout keeps text fields at the top
   vision_in = _require(hf, "vision_config", "the top level")

@@ -1,8 +1,9 @@
 """Weights both ways between HF safetensors checkpoints and the NNX model, driven by one name table.
 
 Loading reads tensor by tensor (and, with a mesh, slice by slice straight into each device's shard),
-so no host ever holds a whole large checkpoint. Saving writes the legacy key layout that every
-transformers version since 4.49 reads, in shards with an index.
+so no host ever holds a whole large checkpoint. The HF tensors of layer i of the decoder or block i
+of the ViT are slice i of our stacked (L, ...) parameters. Saving writes the legacy key layout that
+every transformers version since 4.49 reads, in shards with an index.
 """
 
 from __future__ import annotations
@@ -42,34 +43,38 @@ class Entry:
 
   kind: 'copy' (same layout), 'linear' (HF (out, in) ↔ our kernel (in, out)) or 'patch'
   (HF Conv3d (D, C, Tp, P, P) ↔ our kernel (C·Tp·P·P, D)).
+  layer: for a decoder layer or ViT block, whose parameters we stack on a leading axis, the
+  slice of our parameter that this tensor is; None for the rest.
   """
 
   hf_name: str
-  path: tuple[str | int, ...]
+  path: tuple[str, ...]
   kind: str
+  layer: int | None = None
 
 
-def _linear(hf_prefix: str, path: tuple, bias: bool) -> list[Entry]:
-  entries = [Entry(f"{hf_prefix}.weight", path + ("kernel",), "linear")]
+def _linear(hf_prefix: str, path: tuple, bias: bool, layer: int | None = None) -> list[Entry]:
+  entries = [Entry(f"{hf_prefix}.weight", path + ("kernel",), "linear", layer)]
   if bias:
-    entries.append(Entry(f"{hf_prefix}.bias", path + ("bias",), "copy"))
+    entries.append(Entry(f"{hf_prefix}.bias", path + ("bias",), "copy", layer))
   return entries
 
 
-def _norm(hf_prefix: str, path: tuple) -> Entry:
-  return Entry(f"{hf_prefix}.weight", path + ("scale",), "copy")
+def _norm(hf_prefix: str, path: tuple, layer: int | None = None) -> Entry:
+  return Entry(f"{hf_prefix}.weight", path + ("scale",), "copy", layer)
 
 
 def name_table(config: config_lib.Qwen2_5_VLConfig) -> list[Entry]:
   """Every parameter of the model for `config`, in checkpoint order."""
   table = [Entry("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch")]
   for i in range(config.vision.depth):
-    hf, ours = f"visual.blocks.{i}", ("visual", "blocks", i)
-    table += [_norm(f"{hf}.norm1", ours + ("norm1",)), _norm(f"{hf}.norm2", ours + ("norm2",))]
+    hf, ours = f"visual.blocks.{i}", ("visual", "blocks")
+    table += [_norm(f"{hf}.norm1", ours + ("norm1",), i),
+              _norm(f"{hf}.norm2", ours + ("norm2",), i)]
     for name in ("qkv", "proj"):
-      table += _linear(f"{hf}.attn.{name}", ours + ("attn", name), bias=True)
+      table += _linear(f"{hf}.attn.{name}", ours + ("attn", name), bias=True, layer=i)
     for name in ("gate_proj", "up_proj", "down_proj"):
-      table += _linear(f"{hf}.mlp.{name}", ours + ("mlp", name), bias=True)
+      table += _linear(f"{hf}.mlp.{name}", ours + ("mlp", name), bias=True, layer=i)
   table.append(_norm("visual.merger.ln_q", ("visual", "merger", "ln_q")))
   table += _linear("visual.merger.mlp.0", ("visual", "merger", "mlp_in"), bias=True)
   table += _linear("visual.merger.mlp.2", ("visual", "merger", "mlp_out"), bias=True)
@@ -77,14 +82,14 @@ def name_table(config: config_lib.Qwen2_5_VLConfig) -> list[Entry]:
   table.append(Entry("model.embed_tokens.weight", ("language_model", "embed_tokens", "embedding"),
                      "copy"))
   for i in range(config.text.num_hidden_layers):
-    hf, ours = f"model.layers.{i}", ("language_model", "layers", i)
-    table += [_norm(f"{hf}.input_layernorm", ours + ("input_layernorm",)),
-              _norm(f"{hf}.post_attention_layernorm", ours + ("post_attention_layernorm",))]
+    hf, ours = f"model.layers.{i}", ("language_model", "layers")
+    table += [_norm(f"{hf}.input_layernorm", ours + ("input_layernorm",), i),
+              _norm(f"{hf}.post_attention_layernorm", ours + ("post_attention_layernorm",), i)]
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
       table += _linear(f"{hf}.self_attn.{name}", ours + ("self_attn", name),
-                       bias=name != "o_proj")
+                       bias=name != "o_proj", layer=i)
     for name in ("gate_proj", "up_proj", "down_proj"):
-      table += _linear(f"{hf}.mlp.{name}", ours + ("mlp", name), bias=False)
+      table += _linear(f"{hf}.mlp.{name}", ours + ("mlp", name), bias=False, layer=i)
   table.append(_norm("model.norm", ("language_model", "norm")))
   if not config.tie_word_embeddings:
     table += _linear("lm_head", ("lm_head",), bias=False)
@@ -143,6 +148,11 @@ class CheckpointReader:
     self._handles.clear()
 
 
+def _tensor_shape(entry: Entry, parameter_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape of the part of our parameter that `entry` is (one layer's of a stacked one)."""
+  return parameter_shape if entry.layer is None else parameter_shape[1:]
+
+
 def _hf_shape(entry: Entry, our_shape: tuple[int, ...], config) -> tuple[int, ...]:
   if entry.kind == "linear":
     return tuple(reversed(our_shape))
@@ -165,6 +175,15 @@ def _read_as_ours(reader: CheckpointReader, entry: Entry, index: tuple[slice, ..
   return np.asarray(block).astype(dtype)
 
 
+def _read_parameter(reader: CheckpointReader, entries: Sequence[Entry],
+                    index: tuple[slice, ...], dtype) -> np.ndarray:
+  """The part `index` of one parameter: of its one tensor, or, when it stacks layers (entries
+  in layer order), of each tensor of the layers index[0] selects."""
+  if entries[0].layer is None:
+    return _read_as_ours(reader, entries[0], index, dtype)
+  return np.stack([_read_as_ours(reader, entry, index[1:], dtype) for entry in entries[index[0]]])
+
+
 def _check_tensors(reader: CheckpointReader, table: Sequence[Entry], shapes: dict, config):
   missing = [e.hf_name for e in table if e.hf_name not in reader]
   if missing:
@@ -173,7 +192,7 @@ def _check_tensors(reader: CheckpointReader, table: Sequence[Entry], shapes: dic
                      "config.json (tie_word_embeddings, layer counts)?")
   wrong = []
   for entry in table:
-    expected = _hf_shape(entry, shapes[entry.path], config)
+    expected = _hf_shape(entry, _tensor_shape(entry, shapes[entry.path]), config)
     found = reader.shape(entry.hf_name)
     if found != expected:
       wrong.append(f"{entry.hf_name}: file {found}, config {expected}")
@@ -195,7 +214,7 @@ def abstract_model(config: config_lib.Qwen2_5_VLConfig) -> Qwen2_5_VL:
 def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=None,
                     mesh: Mesh | None = None,
                     rules: Sequence[tuple[str, PartitionSpec]] = sharding_lib.PARAMETER_RULES,
-                    remat: bool = False) -> Qwen2_5_VL:
+                    remat: bool = False, remat_offload: bool = False) -> Qwen2_5_VL:
   """Loads an HF Qwen2.5-VL checkpoint directory into the NNX model.
 
   Args:
@@ -207,6 +226,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=Non
       slices each local device holds.
     rules: (regex on parameter path, PartitionSpec) pairs, see `metaphorstar_jax.sharding`.
     remat: rematerialise each block in the backward pass.
+    remat_offload: with remat, keep each block's saved input in host memory.
 
   Returns:
     Qwen2_5_VL with the checkpoint's weights.
@@ -214,24 +234,27 @@ def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=Non
   path = os.fspath(path)
   config = config_lib.from_json_file(path, dtype=jnp.dtype(dtype).name,
                                      param_dtype=jnp.dtype(param_dtype or dtype).name,
-                                     remat=remat)
+                                     remat=remat, remat_offload=remat_offload)
   graphdef, state = nnx.split(abstract_model(config))
   flat = dict(nnx.to_flat_state(state))
   table = name_table(config)
   reader = CheckpointReader(path)
   _check_tensors(reader, table, {p: v.shape for p, v in flat.items()}, config)
+  entries_of = {}  # parameter path -> its tensors (a stacked parameter's in layer order)
   for entry in table:
-    variable = flat[entry.path]
+    entries_of.setdefault(entry.path, []).append(entry)
+  for path, entries in entries_of.items():
+    variable = flat[path]
     shape, target_dtype = variable.shape, variable.dtype
     if mesh is None:
-      value = jnp.asarray(_read_as_ours(reader, entry, tuple(slice(None) for _ in shape),
-                                        target_dtype))
+      value = jnp.asarray(_read_parameter(reader, entries, tuple(slice(None) for _ in shape),
+                                          target_dtype))
     else:
-      name = sharding_lib.path_to_str(entry.path)
-      spec = sharding_lib.spec_for(name, shape, mesh, rules)
+      spec = sharding_lib.spec_for(sharding_lib.path_to_str(path), shape, mesh, rules)
       value = jax.make_array_from_callback(
           shape, NamedSharding(mesh, spec),
-          lambda index, entry=entry, dt=target_dtype: _read_as_ours(reader, entry, index, dt))
+          lambda index, entries=entries, dt=target_dtype: _read_parameter(reader, entries, index,
+                                                                          dt))
     variable.set_value(value)
   reader.close()
   return nnx.merge(graphdef, state)
@@ -248,7 +271,8 @@ def _to_hf(entry: Entry, value: np.ndarray, config) -> np.ndarray:
 def _plan_shards(table, flat, max_shard_bytes: int) -> list[list[Entry]]:
   shards, current, size = [], [], 0
   for entry in table:
-    nbytes = int(np.prod(flat[entry.path].shape)) * flat[entry.path].dtype.itemsize
+    variable = flat[entry.path]
+    nbytes = int(np.prod(_tensor_shape(entry, variable.shape))) * variable.dtype.itemsize
     if current and size + nbytes > max_shard_bytes:
       shards.append(current)
       current, size = [], 0
@@ -302,7 +326,10 @@ def save_pretrained(model: Qwen2_5_VL, out_dir: str | os.PathLike, *,
   for file_name, shard in zip(_shard_names(len(shards)), shards):
     tensors = {}
     for entry in shard:
-      value = sharding_lib.to_host(flat[entry.path].get_value())  # every host joins the gather
+      value = flat[entry.path].get_value()
+      if entry.layer is not None:  # gather one layer's slice, not the whole stack per tensor
+        value = value[entry.layer]
+      value = sharding_lib.to_host(value)  # every host joins the gather
       if disk_dtype is not None:
         value = value.astype(disk_dtype)
       tensors[entry.hf_name] = _to_hf(entry, value, config)

@@ -53,7 +53,7 @@ class Qwen2_5_VL(nnx.Module):
   def __init__(self, config: Qwen2_5_VLConfig, *, rngs: nnx.Rngs):
     self.config = config
     kw = dict(dtype=config.compute_dtype, param_dtype=config.weights_dtype, remat=config.remat,
-              rngs=rngs)
+              offload=config.remat_offload, rngs=rngs)
     self.visual = VisionTower(config.vision, **kw)
     self.language_model = TextModel(config.text, **kw)
     if not config.tie_word_embeddings:
@@ -135,6 +135,32 @@ class Qwen2_5_VL(nnx.Module):
         x_BTD, position_ids_3BT, self.init_cache(B, T, cache_dtype), 0, valid_BT)
     next_position_B = deltas_B + attention_mask_BT.sum(axis=1).astype(jnp.int32)
     return hidden_BTD, cache, valid_BT, next_position_B
+
+  def prefill_and_continue(self, input_ids_PT, attention_mask_PT, pixel_values_XY,
+                           image_grid_thw_I3, continuation_ids_BZ, continuation_valid_BZ):
+    """The prompts' pass and a teacher-forced pass of their continuations, layer by layer in one
+    scan (`TextModel.with_continuation`): what `prefill` then `cached_hidden_states` with the
+    prompts' cache as prefix compute, with each layer's weight gradient summed inside the loop.
+
+    Args:
+      input_ids_PT, attention_mask_PT, pixel_values_XY, image_grid_thw_I3: left-aligned prompts.
+      continuation_ids_BZ: tokens continuing the prompts, each run of B / P rows one prompt's.
+      continuation_valid_BZ: True on real continuation tokens.
+
+    Returns:
+      The prompts' hidden states (P, T, D) and the continuations' (B, Z, D).
+    """
+    P = input_ids_PT.shape[0]
+    B, Z = continuation_ids_BZ.shape
+    position_ids_3PT, deltas_P = self.position_ids(input_ids_PT, attention_mask_PT,
+                                                   image_grid_thw_I3)
+    next_position_B = jnp.repeat(
+        deltas_P + attention_mask_PT.sum(axis=1).astype(jnp.int32), B // P)
+    positions_BZ = next_position_B[:, None] + jnp.arange(Z, dtype=jnp.int32)[None]
+    return self.language_model.with_continuation(
+        self.embed(input_ids_PT, pixel_values_XY, image_grid_thw_I3), position_ids_3PT,
+        attention_mask_PT > 0, self.language_model.embed_tokens(continuation_ids_BZ),
+        jnp.broadcast_to(positions_BZ[None], (3, B, Z)), continuation_valid_BZ)
 
   def logits(self, hidden_BTD):
     """LM head over hidden states: (..., V)."""

@@ -9,8 +9,8 @@ X ≈ 21k patches, i.e. 28 GB of fp32 logits for 16 heads in every layer.
   Qwen2.5-VL: 4 × 4 merged cells of 4 patches), so a query in block j only needs the keys of
   blocks j-1, j and j+1. Memory and compute O(X · 3·block).
 - `frame_attention`: frames can be as long as the sequence, so queries go `chunk` at a time
-  against all keys, each chunk rematerialised in the backward pass. Memory O(chunk · X), compute
-  unchanged.
+  against all keys (in blocks, `layers.attend`'s blockwise path, once that is large), each chunk
+  rematerialised in the backward pass. Memory O(chunk · block), compute unchanged.
 
 Both equal the dense masked attention to float round-off (tests/test_vision_attention.py), and
 both run `layers.attend` on their blocks of queries and keys.
@@ -79,8 +79,9 @@ def frame_attention(q_XQH, k_XQH, v_XQH, segments_X, chunk: int):
   def one_chunk(args):
     q_WQH, seg_W = args
     visible_1WX = (seg_W[:, None] == segments_X[None, :])[None]
-    # Already chunked and bounded by chunk × X: the direct path is the faster one here.
-    return layers.attend(q_WQH[None], k_1QXH, v_1QXH, visible_1WX, blockwise=False)[0]
+    # Keys in blocks too once a chunk's scores would be large: at the 7B's 65,536 patches per
+    # chip a chunk's fp32 scores were 2 GiB, several alive at once in the gradient.
+    return layers.attend(q_WQH[None], k_1QXH, v_1QXH, visible_1WX)[0]
 
   out_JWQH = jax.lax.map(one_chunk, (q_JWQH, seg_JW))
   return out_JWQH.reshape(J * chunk, Q, H)[:X]

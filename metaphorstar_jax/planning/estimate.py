@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
@@ -104,7 +105,9 @@ def _summarise(config, target: Target, mesh: Mesh, device, stages, parameter_cou
         continue
       r = dict(p.result, peak=_peak(p, sizes))
       if "error" not in r:
-        r["seconds_estimate"] = _roofline(chip, r, p)
+        r["seconds_estimate"] = _roofline(chip, r, p, parameter_count, chips=len(target.devices),
+                                          weight_bytes=_weight_bytes(config, mesh,
+                                                                     parameter_count))
         if p.phase == "rollout":
           rollout_s += r["seconds_estimate"] or 0.0
         else:
@@ -142,8 +145,10 @@ def _summarise(config, target: Target, mesh: Mesh, device, stages, parameter_cou
       compile_seconds=round(sum(r.get("compile_seconds", 0) for r in rows), 1))
   if chip.peak_flops and not failed:
     plan["estimate"] = dict(
-        note="roofline estimate, not a measurement: each program at the slower of XLA's FLOPs "
-             "over peak FLOP/s and its bytes over HBM bandwidth, decode steps at full length",
+        note="roofline estimate, not a measurement: each program at the slower of its FLOPs "
+             "over peak FLOP/s and its bytes over HBM bandwidth (XLA's, or the model's 2 or 6 "
+             "FLOPs per parameter and token and weights read per pass where larger: XLA counts "
+             "a loop body once), decode steps at full length",
         step_seconds=step_s, rollout_seconds=rollout_s, update_seconds=update_s,
         actor_mfu=(model_flops / chips) / (update_s * chip.peak_flops) if update_s else None)
   if not fits:
@@ -151,12 +156,39 @@ def _summarise(config, target: Target, mesh: Mesh, device, stages, parameter_cou
   return plan
 
 
-def _roofline(chip: Chip, r: dict, program: Program) -> float | None:
-  """Estimated seconds per step of one program: XLA's per-chip FLOPs and bytes against the
-  chip's peaks; a decode loop's body is counted once by XLA, so once per new token here."""
+def _weight_bytes(config, mesh: Mesh, parameter_count: int) -> float:
+  """Bytes of compute-dtype weights one chip reads per forward pass: all of them once fsdp has
+  gathered each layer, a 1/tensor share of them with tensor parallelism."""
+  return parameter_count * jnp.dtype(config.model.dtype).itemsize / mesh.shape.get("tensor", 1)
+
+
+def _model_work(program: Program, parameter_count: int, chips: int,
+                weight_bytes: float) -> tuple[float, float]:
+  """FLOPs and bytes per chip that one run of `program` cannot do without: 2 FLOPs per parameter
+  per token forward (6 with the backward), and for a decode loop the weights read every step.
+  XLA's cost analysis counts a loop's body once (the scanned layers, chunk maps, the decode loop),
+  so its figures are lower bounds only; the estimate takes the larger of the two."""
+  s, name = program.shapes, program.name
+  if name.endswith("_grads") or name == "logprobs":
+    per_token = 6.0 if name.endswith("_grads") else 2.0
+    return per_token * parameter_count * (s["P"] * s["T"] + s["B"] * s["N"]) / chips, 0.0
+  if name.startswith("prefill"):
+    return 2.0 * parameter_count * s["P"] * s["T"] / chips, weight_bytes
+  if name.startswith("decode"):  # per step: one token of each row
+    return 2.0 * parameter_count * s["B"] / chips, weight_bytes
+  return 0.0, 0.0
+
+
+def _roofline(chip: Chip, r: dict, program: Program, parameter_count: int, *, chips: int,
+              weight_bytes: float) -> float | None:
+  """Estimated seconds per step of one program: its per-chip FLOPs and bytes (XLA's, or the
+  model's where larger, `_model_work`) against the chip's peaks; a decode loop once per new
+  token."""
   if not chip.peak_flops or not chip.memory_bandwidth:
     return None
-  once = max(r["flops"] / chip.peak_flops, r["bytes_accessed"] / chip.memory_bandwidth)
+  flops, nbytes = _model_work(program, parameter_count, chips, weight_bytes)
+  once = max(max(r["flops"], flops) / chip.peak_flops,
+             max(r["bytes_accessed"], nbytes) / chip.memory_bandwidth)
   trips = program.shapes.get("N", 1) if program.name.startswith("decode") else 1
   return once * trips * program.runs_per_step
 

@@ -134,8 +134,9 @@ def write_hf_checkpoint(out_dir: str, model_config: qwen2_5_vl.Qwen2_5_VLConfig,
   Args:
     out_dir: the directory to create (see `staged_directory` for an existing one).
     model_config: the architecture; its name table decides every tensor's name and layout.
-    read: our-layout value of one name-table entry, as a host array; called once per entry in
-      table order, on every process (each joins any cross-host gather; process 0 writes).
+    read: our-layout value of one name-table entry (one layer's slice of a stacked parameter,
+      `hf_checkpoint.entry_value`), as a host array; called once per entry, every layer of one
+      parameter in a row, on every process (each joins any cross-host gather; process 0 writes).
     write_side_files: writes tokenizer and processor files into the folder it is given.
     dtype: dtype on disk (one of DTYPES); None keeps each tensor's own.
     max_shard_bytes: the largest shard file.
@@ -148,6 +149,11 @@ def write_hf_checkpoint(out_dir: str, model_config: qwen2_5_vl.Qwen2_5_VLConfig,
     raise ValueError(f"Unknown export dtype {dtype!r}; use one of {DTYPES}.")
   flat = dict(nnx.to_flat_state(nnx.state(qwen2_5_vl.abstract_model(model_config), nnx.Param)))
   table = qwen2_5_vl.name_table(model_config)
+  # Each parameter's tensors (a stack's layers) in a row, so a reader holds one at a time.
+  first = {}
+  for i, e in enumerate(table):
+    first.setdefault(e.path, i)
+  table = sorted(table, key=lambda e: first[e.path])
   disk = {e.path: np.dtype(dtype or flat[e.path].dtype) for e in table}
   planned = {e.path: jax.ShapeDtypeStruct(flat[e.path].shape, disk[e.path]) for e in table}
   shards = hf_checkpoint._plan_shards(table, planned, max_shard_bytes)
@@ -162,8 +168,9 @@ def write_hf_checkpoint(out_dir: str, model_config: qwen2_5_vl.Qwen2_5_VLConfig,
   def write_all(folder):
     weight_map, total = {}, 0
     for file_name, shard in zip(names, shards):
-      specs = [(e.hf_name, hf_checkpoint._hf_shape(e, flat[e.path].shape, model_config),
-                disk[e.path]) for e in shard]
+      specs = [(e.hf_name, hf_checkpoint._hf_shape(
+          e, hf_checkpoint._tensor_shape(e, flat[e.path].shape), model_config), disk[e.path])
+               for e in shard]
       if is_writer:
         total += write_safetensors(os.path.join(folder, file_name), specs, hf_tensors(shard))
       else:
@@ -224,7 +231,9 @@ def export_params(params, model_config: qwen2_5_vl.Qwen2_5_VLConfig, out_dir: st
   of the run `config`; see `write_hf_checkpoint` for the result."""
   flat = dict(nnx.to_flat_state(params))
   return write_hf_checkpoint(
-      out_dir, model_config, lambda entry: sharding_lib.to_host(flat[entry.path].get_value()),
+      out_dir, model_config,
+      lambda entry: sharding_lib.to_host(hf_checkpoint.entry_value(entry,
+                                                                   flat[entry.path].get_value())),
       write_side_files=side_file_writer(config, processor), dtype=dtype, replace=replace)
 
 
@@ -263,7 +272,15 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, step: int | None = None,
     raise ValueError(f"The checkpoint of step {step} under {manager_dir} does not match the "
                      f"run's model ({len(wrong)} parameter(s), e.g. {wrong[:3]}); was the "
                      "run's config.json changed?")
-  summary = write_hf_checkpoint(out_dir, model_config, lambda entry: saved.read(keys(entry)),
+  held = {}  # the one parameter being written: a stack's layers are read once for all of them
+
+  def read(entry):
+    if entry.path not in held:
+      held.clear()
+      held[entry.path] = saved.read(keys(entry))
+    return hf_checkpoint.entry_value(entry, held[entry.path])
+
+  summary = write_hf_checkpoint(out_dir, model_config, read,
                                 write_side_files=write_side_files, dtype=dtype,
                                 max_shard_bytes=max_shard_bytes)
   return {**summary, "step": step, "checkpoint": manager_dir}

@@ -153,6 +153,12 @@ def _tensor_shape(entry: Entry, parameter_shape: tuple[int, ...]) -> tuple[int, 
   return parameter_shape if entry.layer is None else parameter_shape[1:]
 
 
+def entry_value(entry: Entry, parameter):
+  """The part of a parameter's value (an array, ours) that `entry` names: one layer's slice of a
+  stacked parameter, else all of it."""
+  return parameter if entry.layer is None else parameter[entry.layer]
+
+
 def _hf_shape(entry: Entry, our_shape: tuple[int, ...], config) -> tuple[int, ...]:
   if entry.kind == "linear":
     return tuple(reversed(our_shape))
@@ -326,10 +332,8 @@ def save_pretrained(model: Qwen2_5_VL, out_dir: str | os.PathLike, *,
   for file_name, shard in zip(_shard_names(len(shards)), shards):
     tensors = {}
     for entry in shard:
-      value = flat[entry.path].get_value()
-      if entry.layer is not None:  # gather one layer's slice, not the whole stack per tensor
-        value = value[entry.layer]
-      value = sharding_lib.to_host(value)  # every host joins the gather
+      # One layer's slice is gathered, not the whole stack per tensor; every host joins.
+      value = sharding_lib.to_host(entry_value(entry, flat[entry.path].get_value()))
       if disk_dtype is not None:
         value = value.astype(disk_dtype)
       tensors[entry.hf_name] = _to_hf(entry, value, config)

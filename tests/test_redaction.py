@@ -20,7 +20,8 @@ JUDGED_CONFIG = os.path.join(CONFIGS, "tfq_grpo_7b.py") + ":smoke"
 KEY = "sk-test-4d1f9a07-never-written-anywhere"
 # Fewer programs to compile than the smoke mode's 2 x 2 micro-batches; the secrets are the same.
 SMALLER = ["--config.train.num_minibatches=1", "--config.train.grad_accum_steps=1",
-           "--config.train.prompts_per_step=2", "--config.model.remat=False"]
+           "--config.train.prompts_per_step=2", "--config.model.remat=False",
+           "--config.model.remat_offload=False"]
 
 
 # --- the rules ----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Will it fit? Headline figures of the ahead-of-time plan (metaphorstar_jax.plan), one JSON line.
 
 For each run `size@topology` (default: TFQ-GRPO 7B on v5p-8, 32B on v5p-32, 72B on v5p-64, at
-the published shapes of configs/tfq_grpo_<size>.py; 72B has no config file and takes the 32B's
-micro-batching), the plan compiles every program of a step for that TPU slice on this host and
+the published shapes of configs/tfq_grpo_<size>.py; 72B, which MetaphorStar did not train, has
+no config file: the shared recipe with one micro-batch of 32 prompts, the rollout prefilled 32
+prompts at a time, one per chip of a v5p-64), the plan compiles every program of a step for that TPU slice on this host and
 reports the per-chip peak against HBM, the gradient micro-batch's temporaries, the gradient's
 compile time and the whole plan's. Compiling is slow on 2 busy cores: 7B takes tens of minutes.
 
@@ -33,11 +34,11 @@ flags.DEFINE_integer("image_pixels", None,
 
 
 def run_config(size: str):
-  """configs/tfq_grpo_<size>.py; 72b from the shared recipe with the 32B's micro-batching; the
+  """configs/tfq_grpo_<size>.py; 72b from the shared recipe, micro-batched for 32 chips; the
   random-weight sizes (tiny, small) from the tiny config at its own shapes."""
   from metaphorstar_jax import config_defaults
   if size == "72b":
-    return config_defaults.tfq_grpo("72b", grad_accum_steps=4)
+    return config_defaults.tfq_grpo("72b", grad_accum_steps=1, prefill_chunk=32)
   name = "tiny" if size in ("tiny", "small") else size
   path = os.path.join(REPO_ROOT, "configs", f"tfq_grpo_{name}.py")
   spec = importlib.util.spec_from_file_location(f"tfq_grpo_{name}", path)

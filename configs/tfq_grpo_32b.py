@@ -22,7 +22,8 @@ from metaphorstar_jax import config_defaults as common
 
 
 def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
-  # Micro-batching: 4 micro-batches of 8 prompts, 40 sequences, 5 per device on 8 devices
-  # (§1.4: 32B ran on one 8-GPU node; its vLLM TP=2 is a rollout-engine setting with no
-  # counterpart here, where sampler and trainer share the mesh).
-  return common.tfq_grpo("32b", grad_accum_steps=4, smoke=smoke)
+  # Micro-batching: 2 micro-batches of 16 prompts, 80 sequences, 5 per chip on a v5p-32 (16
+  # chips; 5 per GPU on two 8-GPU nodes), the rollout prefilled 16 prompts at a time, one per
+  # chip (README "Will it fit?"). §1.4 ran 32B on one 8-GPU node; its vLLM TP=2 is a
+  # rollout-engine setting with no counterpart here, where sampler and trainer share the mesh.
+  return common.tfq_grpo("32b", grad_accum_steps=2, prefill_chunk=16, smoke=smoke)

@@ -343,9 +343,11 @@ def check_dict_keys(config, paths=None) -> None:
                          f"keys are {what}, {', '.join(sorted(valid))}.")
 
 
-def tfq_grpo(size: str, *, grad_accum_steps: int, smoke: bool = False) -> ml_collections.ConfigDict:
+def tfq_grpo(size: str, *, grad_accum_steps: int, prefill_chunk: int = 8,
+             smoke: bool = False) -> ml_collections.ConfigDict:
   """MetaphorStar's TFQ-GRPO recipe for Qwen2.5-VL-`size` (spec §1.3-1.4); sizes share every
-  number but the micro-batching, which only trades memory for time."""
+  number but the micro-batching and the rollout's prefill chunks, which only trade memory for
+  time (and are best a multiple of the chips, so that each chip holds whole rows)."""
   config = base_config()
   config.workdir = f"runs/tfq_grpo_{size}"
 
@@ -383,8 +385,9 @@ def tfq_grpo(size: str, *, grad_accum_steps: int, smoke: bool = False) -> ml_col
   config.train.num_minibatches = 2  # §1.4: actor global_batch_size 32 of the 64 prompts
   # Memory only: the loss normaliser spans the whole mini-batch.
   config.train.grad_accum_steps = grad_accum_steps
-  # Memory only: the rollout encodes and prefills 8 prompts at a time (README "Will it fit?").
-  config.train.prefill_chunk = 8
+  # Memory only: the rollout encodes and prefills this many prompts at a time (README "Will it
+  # fit?").
+  config.train.prefill_chunk = prefill_chunk
 
   config.optim.schedule = "constant"  # §1.4
   config.optim.weight_decay = 1e-2  # §1.4

@@ -73,6 +73,43 @@ def test_remat_gives_identical_loss_and_gradients():
   assert float(jnp.abs(patch_grad[...]).max()) > 0
 
 
+def scan_lengths(jaxpr) -> list[int]:
+  """The lengths of every scan in `jaxpr`, nested ones included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      found.append(eqn.params["length"])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else [value]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          found += scan_lengths(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          found += scan_lengths(sub)
+  return found
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_decoder_mlp_in_pieces_gives_the_same_loss_and_gradients(monkeypatch, remat):
+  """A long sequence's MLP runs over its tokens in pieces (layers.in_pieces): the same values
+  and gradients, the last piece padded (27 tokens in 4 pieces of 8)."""
+  from metaphorstar_jax.models.qwen2_5_vl import layers
+  cfg = qwen2_5_vl.preset("tiny").replace(remat=remat)
+  model = qwen2_5_vl.init(cfg, seed=2)
+  batch = tiny_batch(cfg, seed=1)
+  loss_whole, grads_whole = nnx.value_and_grad(loss_fn)(model, batch)
+  graphdef, state = nnx.split(model)
+  grad_jaxpr = lambda: jax.make_jaxpr(jax.grad(
+      lambda state: loss_fn(nnx.merge(graphdef, state), batch)))(state).jaxpr
+  assert 4 not in scan_lengths(grad_jaxpr())
+  monkeypatch.setattr(layers, "MLP_PIECE", 8)
+  assert batch["input_ids"].shape[1] == 27 and scan_lengths(grad_jaxpr()).count(4) >= 2
+  loss_pieces, grads_pieces = nnx.value_and_grad(loss_fn)(model, batch)
+  np.testing.assert_allclose(float(loss_pieces), float(loss_whole), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_whole), jax.tree.leaves(grads_pieces)):
+    a, b = np.asarray(a), np.asarray(b)  # weight gradients summed piece by piece
+    assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-30)
+
+
 def test_offloaded_remat_keeps_layer_inputs_in_host_memory_and_the_same_gradients():
   cfg = qwen2_5_vl.preset("tiny", remat=True)
   batch = tiny_batch(cfg)

@@ -3,9 +3,11 @@
 For each run `size@topology` (default: TFQ-GRPO 7B on v5p-8, 32B on v5p-32, 72B on v5p-64, at
 the published shapes of configs/tfq_grpo_<size>.py; 72B, which MetaphorStar did not train, has
 no config file: the shared recipe with one micro-batch of 32 prompts, the rollout prefilled 32
-prompts at a time, one per chip of a v5p-64), the plan compiles every program of a step for that TPU slice on this host and
-reports the per-chip peak against HBM, the gradient micro-batch's temporaries, the gradient's
-compile time and the whole plan's. Compiling is slow on 2 busy cores: 7B takes tens of minutes.
+prompts at a time, one per chip of a v5p-64), the plan compiles every program of a step for that
+TPU slice on this host and reports the per-chip peak against HBM, the gradient micro-batch's
+temporaries, the gradient's compile time and the whole plan's, beside the figures recorded for
+the same run at earlier commits (`RECORDED`, the before of the next change). Compiling is slow
+on 2 cores: each plan takes 10 to 13 minutes.
 
     python bench/plan.py
     python bench/plan.py --runs=7b@v5p-8 --only=grpo_grads       # the gradient alone
@@ -49,6 +51,22 @@ def run_config(size: str):
   return config
 
 
+# Earlier figures of the same runs, printed beside the new ones so a change can be compared
+# (README "Will it fit?"; GiB per chip, seconds on this 2-core machine, load as noted there).
+RECORDED = {
+    "7b@v5p-8": [
+        dict(at="issue 10's starting point (unrolled layers, dense attention)", fits=False,
+             grad_temporaries_gib=61.2, grad_compile_s=198),
+        dict(at="2e3c8ee", fits=True, peak_gib_per_chip=66.2, grad_temporaries_gib=13.18,
+             grad_compile_s=451.6, plan_compile_s=763.0),
+    ],
+    "32b@v5p-32": [dict(at="2e3c8ee", fits=True, peak_gib_per_chip=66.04,
+                        grad_temporaries_gib=14.37, grad_compile_s=395.4, plan_compile_s=720.0)],
+    "72b@v5p-64": [dict(at="2e3c8ee", fits=True, peak_gib_per_chip=68.99,
+                        grad_temporaries_gib=21.61, grad_compile_s=218.1, plan_compile_s=611.3)],
+}
+
+
 def headline(size: str, plan: dict) -> dict:
   """The figures later changes are compared by."""
   grads = next((r for r in plan["programs"] if r["name"] == "grpo_grads"), {})
@@ -85,7 +103,7 @@ def main(argv):
     logging.info("Planning %s on %s ...", size, topology)
     plan = planning.make_plan(config, planning.resolve_target(topology), only=FLAGS.only)
     logging.info("\n%s", planning.markdown(plan))
-    results.append(headline(size, plan))
+    results.append(dict(headline(size, plan), recorded=RECORDED.get(run, [])))
   line = dict(bench="plan", runs=results, wall_s=round(time.perf_counter() - start, 1),
               jax_version=jax.__version__, cpu_count=os.cpu_count(),
               note="compiled on this host for the named TPU slices; compile times depend on "

@@ -222,6 +222,7 @@ def test_bench_prints_one_json_line_of_headline_figures():
   assert run["model"] == "tiny" and run["chips"] == 8 and run["partial"] == ["grpo_grads"]
   assert run["grad_temporaries_gib"] >= 0 and run["grad_compile_s"] > 0
   assert run["peak_gib_per_chip"] > 0 and run["peak_program"] == "grpo_grads (grpo)"
+  assert run["recorded"] == []  # earlier figures are kept for the headline runs only
 
 
 def test_the_command_line_takes_a_config():

@@ -187,8 +187,8 @@ def scan(stacked: nnx.Module, step, carry, xs, *, remat: bool, offload: bool = F
   if remat:
     policy = _OFFLOAD_LAYER_INPUT if offload else None
     body = jax.checkpoint(body, policy=policy)
-  # Unrolled when compiling for a CPU: there XLA's loop made the 'small' model's GRPO update 47%
-  # slower (bench/grpo_step.py: 3.70 s rolled, 2.51 s unrolled; 2.42 s before the layers were
+  # Unrolled when compiling for a CPU: there XLA's loop made the 'small' model's GRPO update 56%
+  # slower (bench/grpo_step.py: 3.70 s rolled, 2.37 s unrolled; 2.42 s before the layers were
   # scanned), while a CPU compiles small models, whose unrolled depth costs little. Accelerators
   # keep one loop body, which is what keeps a 7B compile flat in depth.
   unroll = splash_attention.traced_platform() == "cpu"

@@ -75,6 +75,15 @@ def smoke_default_config(workdir):
   return config
 
 
+def assert_close_to_largest(got, want, rtol=1e-5):
+  """|got - want| at most `rtol` of want's largest entry: for sums a change reorders (a
+  recomputed or chunked pass, a mesh), where an entry summed from cancelling terms can be off by
+  more than its own relative tolerance."""
+  got, want = np.asarray(got), np.asarray(want)
+  worst = np.abs(got - want).max()
+  assert worst <= rtol * max(np.abs(want).max(), 1e-30), worst
+
+
 def tiny_batch(cfg, seed=0):
   """Two left-padded prompts for the model config `cfg`: row 0 holds two images (grids 1x4x8 and
   1x6x4), row 1 is text only. Returns the model's keyword arguments as numpy arrays."""

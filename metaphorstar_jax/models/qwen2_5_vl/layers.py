@@ -97,7 +97,9 @@ def _pieces(T: int, most: int) -> tuple[int, int]:
 def in_pieces(fn, x_BTD, most: int):
   """fn (token-wise: each token's output depends on that token alone) over x_BTD's tokens in
   pieces of about `most`, under `lax.scan`: the same values as fn(x_BTD), with fn's
-  intermediates alive for one piece at a time, forward and backward."""
+  intermediates alive for one piece at a time, forward and backward. Each piece keeps for its
+  backward pass only what fn names `_MLP_GATE` or `_MLP_UP` (SwiGLU's projections) and
+  recomputes the rest."""
   B, T, D = x_BTD.shape
   count, length = _pieces(T, most)
   x_BTD = jnp.pad(x_BTD, ((0, 0), (0, count * length - T), (0, 0)))
